@@ -1,0 +1,285 @@
+//! Settings: the compiled-in `config/default.toml`, overridden by an optional file and
+//! by `HERALD_<SECTION>__<KEY>` environment variables, validated once at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{Glob, GlobMatcher};
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+
+/// The configuration shipped inside the binary.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// A configuration that could not be read or has a value out of range.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration: {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+/// Every setting of the server, by section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub storage: StorageSettings,
+    pub layer: LayerSettings,
+}
+
+/// `[server]`: the HTTP front end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub max_wait_secs: u64,
+    pub keepalive_secs: u64,
+    pub slow_consumer_secs: u64,
+    pub max_connections: usize,
+    pub shutdown_timeout_secs: u64,
+    pub cors_origins: Vec<String>,
+}
+
+/// When an acknowledged write is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledge after fsync, with group commit.
+    Sync,
+    /// Acknowledge at once, fsync every `flush_interval_ms`.
+    Interval,
+}
+
+/// `[storage]`: the sled database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub flush_interval_ms: u64,
+    pub sweep_interval_ms: u64,
+}
+
+/// `[layer]`: channel-layer semantics (expiry, capacity, limits).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerSettings {
+    pub expiry_secs: u64,
+    pub group_expiry_secs: u64,
+    pub capacity: usize,
+    pub max_message_bytes: usize,
+    pub replay_secs: u64,
+    pub replay_capacity: usize,
+    #[serde(default)]
+    pub channel_capacity: IndexMap<String, usize>,
+    #[serde(default)]
+    pub channel_expiry: IndexMap<String, u64>,
+}
+
+impl Settings {
+    /// Loads the defaults, then `file` if given, then the environment, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix("HERALD")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("server.cors_origins")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value once, so that a bad one stops the start with a clear message.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("server.keepalive_secs", self.server.keepalive_secs),
+            ("server.slow_consumer_secs", self.server.slow_consumer_secs),
+            ("server.max_connections", self.server.max_connections as u64),
+            ("storage.flush_interval_ms", self.storage.flush_interval_ms),
+            ("storage.sweep_interval_ms", self.storage.sweep_interval_ms),
+            ("layer.expiry_secs", self.layer.expiry_secs),
+            ("layer.group_expiry_secs", self.layer.group_expiry_secs),
+            ("layer.capacity", self.layer.capacity as u64),
+            ("layer.max_message_bytes", self.layer.max_message_bytes as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.layer.max_message_bytes > 64 * 1024 * 1024 {
+            return Err(invalid("layer.max_message_bytes", "must be at most 64 MiB"));
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            return Err(invalid("storage.data_dir", "must not be empty"));
+        }
+        for origin in &self.server.cors_origins {
+            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return Err(invalid(
+                    "server.cors_origins",
+                    &format!("{origin:?} is not \"*\" or an http(s) origin"),
+                ));
+            }
+        }
+        self.layer.rules()?;
+        Ok(())
+    }
+}
+
+fn invalid(key: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Per-channel capacity and expiry, resolved from the glob patterns in config order.
+#[derive(Debug, Clone)]
+pub struct ChannelRules {
+    capacity: usize,
+    expiry: Duration,
+    replay: Option<Duration>,
+    capacity_patterns: Vec<(GlobMatcher, usize)>,
+    expiry_patterns: Vec<(GlobMatcher, Duration)>,
+}
+
+impl ChannelRules {
+    /// The capacity of `channel`: the first matching pattern's, else the default.
+    pub fn capacity(&self, channel: &str) -> usize {
+        first_match(&self.capacity_patterns, channel).unwrap_or(self.capacity)
+    }
+
+    /// The expiry of messages sent to `channel`.
+    pub fn expiry(&self, channel: &str) -> Duration {
+        first_match(&self.expiry_patterns, channel).unwrap_or(self.expiry)
+    }
+
+    /// How long a delivered message stays in `channel`'s replay log.
+    pub fn replay(&self, channel: &str) -> Duration {
+        self.replay.unwrap_or_else(|| self.expiry(channel))
+    }
+
+    /// The longest any message may be needed on disk: every expiry and the replay time.
+    pub fn max_retention(&self) -> Duration {
+        self.expiry_patterns
+            .iter()
+            .map(|(_, d)| *d)
+            .chain([self.expiry, self.replay.unwrap_or_default()])
+            .max()
+            .unwrap_or(self.expiry)
+    }
+}
+
+fn first_match<T: Copy>(patterns: &[(GlobMatcher, T)], channel: &str) -> Option<T> {
+    patterns
+        .iter()
+        .find(|(glob, _)| glob.is_match(channel))
+        .map(|(_, value)| *value)
+}
+
+impl LayerSettings {
+    /// Compiles the per-channel patterns; fails on a bad glob or a zero value.
+    pub fn rules(&self) -> Result<ChannelRules, ConfigError> {
+        fn compile<T: Copy, U>(
+            section: &str,
+            map: &IndexMap<String, T>,
+            convert: impl Fn(T) -> U,
+            is_zero: impl Fn(T) -> bool,
+        ) -> Result<Vec<(GlobMatcher, U)>, ConfigError> {
+            map.iter()
+                .map(|(pattern, value)| {
+                    let key = format!("{section}.{pattern:?}");
+                    if is_zero(*value) {
+                        return Err(invalid(&key, "must be greater than 0"));
+                    }
+                    let glob = Glob::new(pattern)
+                        .map_err(|e| invalid(&key, &format!("bad glob pattern: {e}")))?;
+                    Ok((glob.compile_matcher(), convert(*value)))
+                })
+                .collect()
+        }
+        Ok(ChannelRules {
+            capacity: self.capacity,
+            expiry: Duration::from_secs(self.expiry_secs),
+            replay: (self.replay_secs > 0).then(|| Duration::from_secs(self.replay_secs)),
+            capacity_patterns: compile(
+                "layer.channel_capacity",
+                &self.channel_capacity,
+                |v| v,
+                |v| v == 0,
+            )?,
+            expiry_patterns: compile(
+                "layer.channel_expiry",
+                &self.channel_expiry,
+                Duration::from_secs,
+                |v| v == 0,
+            )?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let settings = Settings::load(None).unwrap();
+        assert_eq!(settings.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(settings.layer.capacity, 100);
+        assert_eq!(settings.layer.expiry_secs, 60);
+        assert_eq!(settings.layer.group_expiry_secs, 86400);
+        assert_eq!(settings.layer.max_message_bytes, 1048576);
+        assert_eq!(settings.storage.durability, Durability::Sync);
+    }
+
+    #[test]
+    fn patterns_apply_in_config_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("herald.toml");
+        std::fs::write(
+            &file,
+            "[layer.channel_capacity]\n\"websocket.send*\" = 20\n\"websocket.*\" = 30\n\"*\" = 7\n\
+             [layer.channel_expiry]\n\"http.*\" = 5\n",
+        )
+        .unwrap();
+        let rules = Settings::load(Some(&file)).unwrap().layer.rules().unwrap();
+        assert_eq!(rules.capacity("websocket.send!abc"), 20);
+        assert_eq!(rules.capacity("websocket.receive"), 30);
+        assert_eq!(rules.capacity("other"), 7);
+        assert_eq!(rules.expiry("http.response"), Duration::from_secs(5));
+        assert_eq!(rules.expiry("other"), Duration::from_secs(60));
+        assert_eq!(rules.max_retention(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "[layer]\ncapacity = 0\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("layer.capacity"), "{err}");
+
+        std::fs::write(&file, "[storage]\ndurability = \"sometimes\"\n").unwrap();
+        assert!(Settings::load(Some(&file)).is_err());
+
+        std::fs::write(&file, "[layer.channel_capacity]\n\"a[\" = 3\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("bad glob"), "{err}");
+    }
+}

@@ -1,0 +1,163 @@
+//! API errors and the one place where each becomes a status code.
+
+use std::convert::Infallible;
+
+use warp::http::StatusCode;
+use warp::http::header::{HeaderValue, RETRY_AFTER};
+use warp::reply::Response;
+use warp::Rejection;
+
+use super::reply::{Doc, Format, respond};
+use crate::layer;
+use crate::message::MessageError;
+use crate::store::StoreError;
+
+/// What kind of failure; each has one code and one status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidName,
+    InvalidMessage,
+    InvalidBody,
+    InvalidParameter,
+    NotFound,
+    MethodNotAllowed,
+    MessageTooLarge,
+    ChannelFull,
+    Unavailable,
+    StorageFull,
+    Internal,
+}
+
+impl ErrorKind {
+    /// The `code` clients see.
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidName => "invalid_name",
+            ErrorKind::InvalidMessage => "invalid_message",
+            ErrorKind::InvalidBody => "invalid_body",
+            ErrorKind::InvalidParameter => "invalid_parameter",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::MessageTooLarge => "message_too_large",
+            ErrorKind::ChannelFull => "channel_full",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::StorageFull => "storage_full",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status for this kind: the only place a status code is chosen for an error.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::InvalidName
+            | ErrorKind::InvalidMessage
+            | ErrorKind::InvalidBody
+            | ErrorKind::InvalidParameter => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::ChannelFull => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// An error answer: a kind and a message for a person, free of internals.
+#[derive(Debug)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl warp::reject::Reject for ApiError {}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The `{"code": ..., "message": ...}` document.
+    pub fn doc(&self) -> Doc {
+        Doc::new()
+            .str("code", self.kind.code())
+            .str("message", &self.message)
+    }
+
+    /// The HTTP answer: always JSON, whatever the request asked for.
+    pub fn into_response(self) -> Response {
+        let mut response = respond(
+            Format::Json,
+            self.kind.status(),
+            Doc::new().doc("error", self.doc()),
+        );
+        if self.kind == ErrorKind::ChannelFull {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<layer::Error> for ApiError {
+    fn from(e: layer::Error) -> Self {
+        use layer::Error as E;
+        let kind = match &e {
+            E::InvalidName(_) => ErrorKind::InvalidName,
+            E::InvalidMessage(MessageError::Malformed(_)) => ErrorKind::InvalidBody,
+            E::InvalidMessage(MessageError::Invalid(_)) => ErrorKind::InvalidMessage,
+            E::MessageTooLarge { .. } => ErrorKind::MessageTooLarge,
+            E::ChannelFull { .. } => ErrorKind::ChannelFull,
+            E::Storage(StoreError::Full) => ErrorKind::StorageFull,
+            E::Storage(_) | E::Config(_) => {
+                tracing::error!(error = %e, "storage failure while serving a request");
+                return ApiError::new(
+                    ErrorKind::Unavailable,
+                    "storage is failing; try again later",
+                );
+            }
+        };
+        ApiError::new(kind, e.to_string())
+    }
+}
+
+impl From<MessageError> for ApiError {
+    fn from(e: MessageError) -> Self {
+        ApiError::from(layer::Error::from(e))
+    }
+}
+
+/// Turns every rejection, ours or warp's, into a status and a JSON error body.
+pub async fn handle_rejection(err: Rejection) -> Result<Response, Infallible> {
+    let error = if let Some(api) = err.find::<ApiError>() {
+        ApiError::new(api.kind, api.message.clone())
+    } else if err.is_not_found() {
+        ApiError::new(ErrorKind::NotFound, "no such path")
+    } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError::new(
+            ErrorKind::MethodNotAllowed,
+            "this path does not take that method",
+        )
+    } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
+        ApiError::new(ErrorKind::MessageTooLarge, "the body is too large")
+    } else if let Some(e) = err.find::<warp::reject::InvalidQuery>() {
+        ApiError::new(ErrorKind::InvalidParameter, e.to_string())
+    } else if let Some(e) = err.find::<warp::reject::InvalidHeader>() {
+        ApiError::new(ErrorKind::InvalidParameter, e.to_string())
+    } else if let Some(e) = err.find::<warp::reject::MissingHeader>() {
+        ApiError::new(ErrorKind::InvalidParameter, e.to_string())
+    } else if err.find::<warp::reject::UnsupportedMediaType>().is_some() {
+        ApiError::new(ErrorKind::InvalidBody, "unsupported content type")
+    } else if let Some(e) = err.find::<warp::reject::LengthRequired>() {
+        ApiError::new(ErrorKind::InvalidBody, e.to_string())
+    } else {
+        tracing::warn!(rejection = ?err, "unhandled rejection");
+        ApiError::new(ErrorKind::Internal, "internal error")
+    };
+    Ok(error.into_response())
+}

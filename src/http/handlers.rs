@@ -1,0 +1,205 @@
+//! Handlers of the plain HTTP routes: each admits the request, calls the layer once,
+//! and answers with a document or an error.
+
+use std::time::Duration;
+
+use warp::Rejection;
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+use super::error::{ApiError, ErrorKind};
+use super::reply::{Doc, Field, Format, empty, respond};
+use super::{Api, Query};
+use crate::message::Message;
+
+/// POST /v1/channels/{channel}/messages
+pub async fn send(
+    channel: String,
+    format: Format,
+    message: Message,
+    api: Api,
+) -> Result<Response, Rejection> {
+    let _permit = api.admit()?;
+    let id = api.layer.send(&channel, message).await.map_err(ApiError::from)?;
+    Ok(respond(
+        format,
+        StatusCode::ACCEPTED,
+        Doc::new().str("channel", &channel).id("id", id),
+    ))
+}
+
+/// The `wait` parameter: seconds (fractions allowed), capped by `server.max_wait_secs`.
+pub fn parse_wait(raw: Option<&str>, max_wait_secs: u64) -> Result<Duration, ApiError> {
+    let Some(raw) = raw else {
+        return Ok(Duration::ZERO);
+    };
+    let secs: f64 = raw
+        .trim()
+        .parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::InvalidParameter,
+                format!("wait must be a number of seconds, not {raw:?}"),
+            )
+        })?;
+    Ok(Duration::from_secs_f64(secs.min(max_wait_secs as f64)))
+}
+
+/// GET /v1/channels/{channel}/messages?wait=S
+pub async fn receive(
+    channel: String,
+    format: Format,
+    query: Query,
+    api: Api,
+) -> Result<Response, Rejection> {
+    let _permit = api.admit()?;
+    let wait = parse_wait(query.get("wait"), api.settings.max_wait_secs)?;
+    let received = tokio::select! {
+        received = api.layer.receive(&channel, wait) => received.map_err(ApiError::from)?,
+        _ = api.shutdown.cancelled() => None,
+    };
+    Ok(match received {
+        Some(delivery) => respond(
+            format,
+            StatusCode::OK,
+            Doc::new()
+                .str("channel", &channel)
+                .id("id", delivery.id)
+                .message("message", delivery.message),
+        ),
+        None => empty(StatusCode::NO_CONTENT),
+    })
+}
+
+/// POST /v1/channels?prefix=P
+pub async fn new_channel(format: Format, query: Query, api: Api) -> Result<Response, Rejection> {
+    let _permit = api.admit()?;
+    let name = api
+        .layer
+        .new_channel(query.get("prefix").unwrap_or("specific"))
+        .map_err(ApiError::from)?;
+    Ok(respond(
+        format,
+        StatusCode::CREATED,
+        Doc::new().str("channel", &name),
+    ))
+}
+
+/// GET /v1/channels: channels with pending messages or waiting receivers.
+pub fn list_channels(format: Format, api: Api) -> Response {
+    let channels = api.layer.channels();
+    let json = serde_json::to_value(&channels).unwrap_or_default();
+    respond(
+        format,
+        StatusCode::OK,
+        Doc::new().field("channels", Field::Value(json_to_msgpack(&json))),
+    )
+}
+
+/// GET /v1/groups: groups with their current members.
+pub fn list_groups(format: Format, api: Api) -> Response {
+    let json = serde_json::to_value(api.layer.groups()).unwrap_or_default();
+    respond(
+        format,
+        StatusCode::OK,
+        Doc::new().field("groups", Field::Value(json_to_msgpack(&json))),
+    )
+}
+
+/// GET /v1/stats: totals.
+pub fn stats(format: Format, api: Api) -> Response {
+    let json = serde_json::to_value(api.layer.stats()).unwrap_or_default();
+    respond(
+        format,
+        StatusCode::OK,
+        Doc::new().field("stats", Field::Value(json_to_msgpack(&json))),
+    )
+}
+
+fn json_to_msgpack(json: &serde_json::Value) -> rmpv::Value {
+    crate::message::json_to_value(json, 0).unwrap_or(rmpv::Value::Nil)
+}
+
+/// PUT /v1/groups/{group}/channels/{channel}
+pub async fn group_add(group: String, channel: String, api: Api) -> Result<Response, Rejection> {
+    let _permit = api.admit()?;
+    api.layer
+        .group_add(&group, &channel)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+/// DELETE /v1/groups/{group}/channels/{channel}
+pub async fn group_discard(
+    group: String,
+    channel: String,
+    api: Api,
+) -> Result<Response, Rejection> {
+    let _permit = api.admit()?;
+    api.layer
+        .group_discard(&group, &channel)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+/// GET /v1/groups/{group}/channels
+pub async fn members(group: String, format: Format, api: Api) -> Result<Response, Rejection> {
+    let channels = api.layer.group_members(&group).map_err(ApiError::from)?;
+    Ok(respond(
+        format,
+        StatusCode::OK,
+        Doc::new()
+            .str("group", &group)
+            .field("channels", Field::Strings(channels)),
+    ))
+}
+
+/// POST /v1/groups/{group}/messages
+pub async fn group_send(
+    group: String,
+    format: Format,
+    message: Message,
+    api: Api,
+) -> Result<Response, Rejection> {
+    let _permit = api.admit()?;
+    let report = api
+        .layer
+        .group_send(&group, message)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(respond(
+        format,
+        StatusCode::ACCEPTED,
+        Doc::new()
+            .str("group", &group)
+            .count("delivered", report.delivered)
+            .count("full", report.full),
+    ))
+}
+
+/// POST /v1/flush
+pub async fn flush(api: Api) -> Result<Response, Rejection> {
+    let _permit = api.admit()?;
+    api.layer.flush().await.map_err(ApiError::from)?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_parameter() {
+        assert_eq!(parse_wait(None, 60).unwrap(), Duration::ZERO);
+        assert_eq!(parse_wait(Some("1.5"), 60).unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_wait(Some("999"), 60).unwrap(), Duration::from_secs(60));
+        for bad in ["abc", "-1", "NaN", "inf", ""] {
+            let err = parse_wait(Some(bad), 60).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::InvalidParameter, "{bad}");
+        }
+    }
+}

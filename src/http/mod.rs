@@ -1,0 +1,263 @@
+//! The HTTP API v1 over warp: REST routes, SSE streams and the WebSocket protocol.
+//! Every route is a thin call into the [`ChannelLayer`]; every failure goes through
+//! [`error::handle_rejection`], the one place that picks status codes.
+
+pub mod body;
+pub mod error;
+mod handlers;
+pub mod reply;
+mod sse;
+pub mod subscription;
+mod ws;
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::config::ServerSettings;
+use crate::layer::ChannelLayer;
+use error::{ApiError, ErrorKind};
+use reply::Format;
+
+/// What every handler needs: the layer, the settings, the shutdown signal, the
+/// connection budget and the running subscriptions.
+#[derive(Clone)]
+pub struct Api {
+    pub layer: ChannelLayer,
+    pub settings: Arc<ServerSettings>,
+    pub shutdown: CancellationToken,
+    connections: Arc<Semaphore>,
+    streams: Arc<subscription::Registry>,
+}
+
+impl Api {
+    pub fn new(layer: ChannelLayer, settings: ServerSettings, shutdown: CancellationToken) -> Self {
+        Api {
+            layer,
+            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            settings: Arc::new(settings),
+            shutdown,
+            streams: Arc::default(),
+        }
+    }
+
+    /// A slot for one request or stream, or `unavailable` when the server is at
+    /// `max_connections` or shutting down.
+    fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ApiError::new(ErrorKind::Unavailable, "the server is shutting down"));
+        }
+        self.connections.clone().try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                ErrorKind::Unavailable,
+                "the server is at its connection limit; try again later",
+            )
+        })
+    }
+}
+
+/// Percent-decodes a path segment (`%21` for `!` and the like).
+fn segment(raw: String) -> String {
+    percent_encoding::percent_decode_str(&raw)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// The raw query string, empty when absent.
+fn query() -> impl Filter<Extract = (Query,), Error = std::convert::Infallible> + Clone {
+    warp::query::raw()
+        .or(warp::any().map(String::new))
+        .unify()
+        .map(|raw: String| Query(form_urlencoded::parse(raw.as_bytes()).into_owned().collect()))
+}
+
+/// Query parameters in order, repeated keys kept.
+#[derive(Debug, Clone, Default)]
+pub struct Query(Vec<(String, String)>);
+
+impl Query {
+    /// The first value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of `key`.
+    pub fn all(&self, key: &str) -> Vec<String> {
+        self.0.iter().filter(|(k, _)| k == key).map(|(_, v)| v.clone()).collect()
+    }
+}
+
+fn format() -> impl Filter<Extract = (Format,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("accept").map(|a: Option<String>| Format::from_accept(a.as_deref()))
+}
+
+fn with_api(api: Api) -> impl Filter<Extract = (Api,), Error = std::convert::Infallible> + Clone {
+    warp::any().map(move || api.clone())
+}
+
+/// Reads and decodes a message body, refusing oversized ones before reading them whole.
+fn message_body(
+    api: Api,
+) -> impl Filter<Extract = (crate::message::Message,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("content-type")
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and_then(move |content_type: Option<String>, length: Option<u64>, stream| {
+            let limit = body::body_limit(api.layer.max_message_bytes());
+            async move {
+                let bytes = body::read_limited(length, Box::pin(stream), limit).await?;
+                let kind = body::BodyKind::from_content_type(content_type.as_deref());
+                body::decode_message(kind, &bytes).map_err(warp::reject::custom)
+            }
+        })
+}
+
+/// Every route of the API, with CORS when configured and errors mapped to JSON.
+pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
+    let channel_messages = warp::path!("v1" / "channels" / String / "messages").map(segment);
+    let group_members = warp::path!("v1" / "groups" / String / "channels" / String)
+        .map(|g, c| (segment(g), segment(c)))
+        .untuple_one();
+
+    let send = channel_messages
+        .and(warp::post())
+        .and(format())
+        .and(message_body(api.clone()))
+        .and(with_api(api.clone()))
+        .and_then(handlers::send);
+    let receive = channel_messages
+        .and(warp::get())
+        .and(format())
+        .and(query())
+        .and(with_api(api.clone()))
+        .and_then(handlers::receive);
+    let channel_events = warp::path!("v1" / "channels" / String / "events")
+        .map(segment)
+        .and(warp::get())
+        .and(sse::last_event_id())
+        .and(with_api(api.clone()))
+        .and_then(sse::channel_events);
+    let new_channel = warp::path!("v1" / "channels")
+        .and(warp::post())
+        .and(format())
+        .and(query())
+        .and(with_api(api.clone()))
+        .and_then(handlers::new_channel);
+    let list_channels = warp::path!("v1" / "channels")
+        .and(warp::get())
+        .and(format())
+        .and(with_api(api.clone()))
+        .map(handlers::list_channels);
+    let group_add = group_members
+        .and(warp::put())
+        .and(with_api(api.clone()))
+        .and_then(handlers::group_add);
+    let group_discard = group_members
+        .and(warp::delete())
+        .and(with_api(api.clone()))
+        .and_then(handlers::group_discard);
+    let members = warp::path!("v1" / "groups" / String / "channels")
+        .map(segment)
+        .and(warp::get())
+        .and(format())
+        .and(with_api(api.clone()))
+        .and_then(handlers::members);
+    let list_groups = warp::path!("v1" / "groups")
+        .and(warp::get())
+        .and(format())
+        .and(with_api(api.clone()))
+        .map(handlers::list_groups);
+    let group_send = warp::path!("v1" / "groups" / String / "messages")
+        .map(segment)
+        .and(warp::post())
+        .and(format())
+        .and(message_body(api.clone()))
+        .and(with_api(api.clone()))
+        .and_then(handlers::group_send);
+    let group_events = warp::path!("v1" / "groups" / String / "events")
+        .map(segment)
+        .and(warp::get())
+        .and(sse::last_event_id())
+        .and(query())
+        .and(with_api(api.clone()))
+        .and_then(sse::group_events);
+    let multi_events = warp::path!("v1" / "events")
+        .and(warp::get())
+        .and(sse::last_event_id())
+        .and(query())
+        .and(with_api(api.clone()))
+        .and_then(sse::multi_group_events);
+    let websocket = warp::path!("v1" / "ws")
+        .and(warp::get())
+        .and(warp::ws())
+        .and(with_api(api.clone()))
+        .and_then(ws::upgrade);
+    let flush = warp::path!("v1" / "flush")
+        .and(warp::post())
+        .and(with_api(api.clone()))
+        .and_then(handlers::flush);
+    let stats = warp::path!("v1" / "stats")
+        .and(warp::get())
+        .and(format())
+        .and(with_api(api.clone()))
+        .map(handlers::stats);
+    let health = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| reply::respond(Format::Json, StatusCode::OK, reply::Doc::new().str("status", "ok")));
+
+    let all = send
+        .or(receive)
+        .unify()
+        .or(channel_events)
+        .unify()
+        .or(new_channel)
+        .unify()
+        .or(list_channels)
+        .unify()
+        .or(group_add)
+        .unify()
+        .or(group_discard)
+        .unify()
+        .or(members)
+        .unify()
+        .or(list_groups)
+        .unify()
+        .or(group_send)
+        .unify()
+        .or(group_events)
+        .unify()
+        .or(multi_events)
+        .unify()
+        .or(websocket)
+        .unify()
+        .or(flush)
+        .unify()
+        .or(stats)
+        .unify()
+        .or(health)
+        .unify();
+
+    let origins = &api.settings.cors_origins;
+    if origins.is_empty() {
+        all.recover(error::handle_rejection).unify().boxed()
+    } else {
+        let mut cors = warp::cors()
+            .allow_methods(["GET", "POST", "PUT", "DELETE", "OPTIONS"])
+            .allow_headers(["content-type", "accept", "last-event-id"]);
+        cors = if origins.iter().any(|o| o == "*") {
+            cors.allow_any_origin()
+        } else {
+            cors.allow_origins(origins.iter().map(String::as_str))
+        };
+        all.recover(error::handle_rejection)
+            .unify()
+            .with(cors)
+            .map(Reply::into_response)
+            .boxed()
+    }
+}

@@ -1,0 +1,377 @@
+//! The WebSocket protocol at `/v1/ws`: every layer operation as a request frame with an
+//! `op` and an optional `ref` echoed in its reply. Text frames carry JSON, binary frames
+//! msgpack, and each reply uses the encoding of its request.
+//!
+//! Requests are handled in order, one at a time, so that one client's sends keep their
+//! order; only `receive`, which may wait, runs on its own. Subscriptions push their
+//! messages through the same bounded outbox as replies.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rmpv::Value;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::sync::CancellationToken;
+use warp::filters::ws::{Message as Frame, WebSocket, Ws};
+use warp::reply::Response;
+use warp::{Rejection, Reply};
+
+use super::body::body_limit;
+use super::error::{ApiError, ErrorKind};
+use super::handlers::parse_wait;
+use super::reply::{Doc, Field, Format};
+use super::subscription::{self, Push, Spec};
+use super::Api;
+use crate::message::{Message, json_to_value};
+
+/// Frames waiting to be written to one socket.
+const OUTBOX: usize = 64;
+/// Most `receive` requests one connection may have waiting at once.
+const MAX_PENDING_RECEIVES: usize = 64;
+
+/// Close codes used by the server.
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_TOO_BIG: u16 = 1009;
+
+/// GET /v1/ws
+pub async fn upgrade(ws: Ws, api: Api) -> Result<Response, Rejection> {
+    let permit = api.admit()?;
+    let limit = body_limit(api.layer.max_message_bytes());
+    Ok(ws
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| serve(api, socket, permit))
+        .into_response())
+}
+
+/// One request, decoded.
+struct Request {
+    format: Format,
+    reference: Option<Value>,
+    fields: Vec<(Value, Value)>,
+}
+
+impl Request {
+    fn decode(frame: &Frame) -> Option<Result<Request, (Format, ApiError)>> {
+        let (format, parsed) = if frame.is_text() {
+            let parsed = serde_json::from_slice::<serde_json::Value>(frame.as_bytes())
+                .map_err(|e| format!("malformed JSON: {e}"))
+                .and_then(|json| json_to_value(&json, 0).map_err(|e| e.to_string()));
+            (Format::Json, parsed)
+        } else if frame.is_binary() {
+            let mut bytes = frame.as_bytes();
+            let parsed = rmpv::decode::read_value_with_max_depth(&mut bytes, 80)
+                .map_err(|e| format!("malformed msgpack: {e}"));
+            (Format::Msgpack, parsed)
+        } else {
+            return None;
+        };
+        Some(match parsed {
+            Ok(Value::Map(fields)) => {
+                let reference = fields
+                    .iter()
+                    .find(|(k, _)| k.as_str() == Some("ref"))
+                    .map(|(_, v)| v.clone());
+                Ok(Request {
+                    format,
+                    reference,
+                    fields,
+                })
+            }
+            Ok(_) => Err((
+                format,
+                ApiError::new(ErrorKind::InvalidBody, "a request must be a map with an \"op\""),
+            )),
+            Err(e) => Err((format, ApiError::new(ErrorKind::InvalidBody, e))),
+        })
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(key))
+            .map(|(_, v)| v)
+    }
+
+    fn str(&self, key: &str) -> Result<&str, ApiError> {
+        self.get(key).and_then(Value::as_str).ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::InvalidParameter,
+                format!("{key:?} must be given as a string"),
+            )
+        })
+    }
+
+    fn optional_str(&self, key: &str) -> Result<Option<&str>, ApiError> {
+        match self.get(key) {
+            None | Some(Value::Nil) => Ok(None),
+            Some(_) => self.str(key).map(Some),
+        }
+    }
+
+    /// An id, as a decimal string or an integer.
+    fn optional_id(&self, key: &str) -> Result<Option<u64>, ApiError> {
+        match self.get(key) {
+            None | Some(Value::Nil) => Ok(None),
+            Some(Value::Integer(i)) if i.as_u64().is_some() => Ok(i.as_u64()),
+            Some(Value::String(s)) if s.as_str().is_some_and(|s| s.parse::<u64>().is_ok()) => {
+                Ok(s.as_str().and_then(|s| s.parse().ok()))
+            }
+            Some(_) => Err(ApiError::new(
+                ErrorKind::InvalidParameter,
+                format!("{key:?} must be a message id"),
+            )),
+        }
+    }
+
+    fn message(&self) -> Result<Message, ApiError> {
+        let value = self.get("message").ok_or_else(|| {
+            ApiError::new(ErrorKind::InvalidMessage, "\"message\" is missing")
+        })?;
+        Ok(Message::from_value(value)?)
+    }
+
+    /// A reply document starting with `op` and the request's `ref`.
+    fn reply(&self, op: &str) -> Doc {
+        reply_doc(op, self.reference.as_ref())
+    }
+}
+
+fn reply_doc(op: &str, reference: Option<&Value>) -> Doc {
+    let doc = Doc::new().str("op", op);
+    match reference {
+        Some(r) => doc.field("ref", Field::Value(r.clone())),
+        None => doc,
+    }
+}
+
+fn frame(format: Format, doc: &Doc) -> Frame {
+    match format {
+        Format::Json => Frame::text(doc.to_json()),
+        Format::Msgpack => Frame::binary(doc.to_msgpack()),
+    }
+}
+
+fn error_frame(format: Format, reference: Option<&Value>, error: &ApiError) -> Frame {
+    let doc = reply_doc("error", reference)
+        .str("code", error.kind.code())
+        .str("message", &error.message);
+    frame(format, &doc)
+}
+
+/// One connection's state: its outbox and its subscriptions.
+struct Connection {
+    api: Api,
+    outbox: mpsc::Sender<Frame>,
+    subscriptions: HashMap<String, CancellationToken>,
+    receives: Arc<tokio::sync::Semaphore>,
+}
+
+async fn serve(api: Api, socket: WebSocket, permit: OwnedSemaphorePermit) {
+    let (mut sink, mut incoming) = socket.split();
+    let (outbox, mut outgoing) = mpsc::channel::<Frame>(OUTBOX);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = outgoing.recv().await {
+            let closing = frame.is_close();
+            if sink.send(frame).await.is_err() || closing {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let mut conn = Connection {
+        api: api.clone(),
+        outbox,
+        subscriptions: HashMap::new(),
+        receives: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_RECEIVES)),
+    };
+    loop {
+        let next = tokio::select! {
+            _ = api.shutdown.cancelled() => {
+                let _ = conn.outbox.send(Frame::close_with(CLOSE_GOING_AWAY, "server shutting down")).await;
+                break;
+            }
+            next = incoming.next() => next,
+        };
+        match next {
+            None => break,
+            Some(Err(e)) => {
+                let text = e.to_string();
+                if text.contains("too long") || text.contains("Space limit") {
+                    let _ = conn
+                        .outbox
+                        .send(Frame::close_with(CLOSE_TOO_BIG, "message too big"))
+                        .await;
+                }
+                break;
+            }
+            Some(Ok(frame)) if frame.is_close() => break,
+            Some(Ok(frame)) => match Request::decode(&frame) {
+                None => {}
+                Some(Err((format, error))) => {
+                    let _ = conn.outbox.send(error_frame(format, None, &error)).await;
+                }
+                Some(Ok(request)) => {
+                    if let Err(error) = conn.handle(&request).await {
+                        let reply = error_frame(request.format, request.reference.as_ref(), &error);
+                        let _ = conn.outbox.send(reply).await;
+                    }
+                }
+            },
+        }
+    }
+    for stop in conn.subscriptions.values() {
+        stop.cancel();
+    }
+    drop(conn);
+    let _ = writer.await;
+    drop(permit);
+}
+
+impl Connection {
+    async fn reply(&self, request: &Request, doc: Doc) {
+        let _ = self.outbox.send(frame(request.format, &doc)).await;
+    }
+
+    async fn handle(&mut self, request: &Request) -> Result<(), ApiError> {
+        let layer = &self.api.layer;
+        let op = request.str("op")?;
+        match op {
+            "send" => {
+                let channel = request.str("channel")?;
+                let id = layer.send(channel, request.message()?).await?;
+                self.reply(request, request.reply("ok").id("id", id)).await;
+            }
+            "group_send" => {
+                let report = layer.group_send(request.str("group")?, request.message()?).await?;
+                let doc = request
+                    .reply("ok")
+                    .count("delivered", report.delivered)
+                    .count("full", report.full);
+                self.reply(request, doc).await;
+            }
+            "group_add" => {
+                layer.group_add(request.str("group")?, request.str("channel")?).await?;
+                self.reply(request, request.reply("ok")).await;
+            }
+            "group_discard" => {
+                layer.group_discard(request.str("group")?, request.str("channel")?).await?;
+                self.reply(request, request.reply("ok")).await;
+            }
+            "new_channel" => {
+                let name = layer.new_channel(request.optional_str("prefix")?.unwrap_or("specific"))?;
+                self.reply(request, request.reply("ok").str("channel", &name)).await;
+            }
+            "receive" => self.receive(request)?,
+            "subscribe" => self.subscribe(request).await?,
+            "unsubscribe" => {
+                let channel = request.str("channel")?;
+                if let Some(stop) = self.subscriptions.remove(channel) {
+                    stop.cancel();
+                }
+                self.reply(request, request.reply("ok")).await;
+            }
+            other => {
+                return Err(ApiError::new(
+                    ErrorKind::InvalidParameter,
+                    format!("unknown op {other:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a receive that answers on its own when a message comes or the wait ends.
+    fn receive(&self, request: &Request) -> Result<(), ApiError> {
+        let channel = request.str("channel")?.to_string();
+        crate::layer::names::check_channel(&channel)?;
+        let wait = match request.get("wait") {
+            None | Some(Value::Nil) => Duration::ZERO,
+            Some(Value::Integer(i)) => parse_wait(Some(&i.to_string()), self.api.settings.max_wait_secs)?,
+            Some(Value::F32(_) | Value::F64(_)) => {
+                let secs = request.get("wait").and_then(Value::as_f64).unwrap_or(-1.0);
+                parse_wait(Some(&secs.to_string()), self.api.settings.max_wait_secs)?
+            }
+            Some(_) => {
+                return Err(ApiError::new(
+                    ErrorKind::InvalidParameter,
+                    "\"wait\" must be a number of seconds",
+                ));
+            }
+        };
+        let slot = self.receives.clone().try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                ErrorKind::Unavailable,
+                format!("at most {MAX_PENDING_RECEIVES} receives may wait on one connection"),
+            )
+        })?;
+        let api = self.api.clone();
+        let outbox = self.outbox.clone();
+        let format = request.format;
+        let reference = request.reference.clone();
+        tokio::spawn(async move {
+            let received = tokio::select! {
+                received = api.layer.receive(&channel, wait) => received,
+                _ = outbox.closed() => return,
+                _ = api.shutdown.cancelled() => Ok(None),
+            };
+            let doc = match received {
+                Ok(Some(delivery)) => reply_doc("message", reference.as_ref())
+                    .str("channel", &channel)
+                    .id("id", delivery.id)
+                    .message("message", delivery.message),
+                Ok(None) => reply_doc("timeout", reference.as_ref()),
+                Err(e) => {
+                    let error = ApiError::from(e);
+                    let _ = outbox.send(error_frame(format, reference.as_ref(), &error)).await;
+                    return;
+                }
+            };
+            let _ = outbox.send(frame(format, &doc)).await;
+            drop(slot);
+        });
+        Ok(())
+    }
+
+    /// Starts pushing a channel's messages, after replaying from `last_event_id`.
+    async fn subscribe(&mut self, request: &Request) -> Result<(), ApiError> {
+        let channel = request.str("channel")?.to_string();
+        crate::layer::names::check_channel(&channel)?;
+        let spec = Spec {
+            channel: channel.clone(),
+            last_event_id: request.optional_id("last_event_id")?,
+            groups: Vec::new(),
+            ephemeral: false,
+        };
+        if let Some(previous) = self.subscriptions.remove(&channel) {
+            previous.cancel();
+        }
+        self.reply(request, request.reply("ok")).await;
+        let (mut pushes, stop) = subscription::start(&self.api, spec, None).await;
+        self.subscriptions.insert(channel.clone(), stop);
+        let outbox = self.outbox.clone();
+        let format = request.format;
+        tokio::spawn(async move {
+            while let Some(push) = pushes.recv().await {
+                let doc = match push {
+                    Push::Message { id, message } => Doc::new()
+                        .str("op", "message")
+                        .str("channel", &channel)
+                        .id("id", id)
+                        .message("message", message),
+                    Push::Gap(gap) => Doc::new()
+                        .str("op", "gap")
+                        .str("channel", &channel)
+                        .id("after", gap.after)
+                        .id("next", gap.next),
+                };
+                if outbox.send(frame(format, &doc)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(())
+    }
+}

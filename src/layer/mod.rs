@@ -1,0 +1,875 @@
+//! The channel layer: named FIFO channels, groups, capacity, expiry, durable in sled.
+//!
+//! Every operation takes the layer's lock, assigns ids from the store's global sequence,
+//! writes the store and updates the in-memory index in the same order, then (outside the
+//! lock) waits for the store's group commit before acknowledging. A send or group_send
+//! writes one record whatever the number of recipients: group members are resolved
+//! from memberships (joined id and last add time) and the record's list of members that
+//! were skipped as full. When a membership ends, the messages it brought that are still
+//! held are pinned to the channel with small reference keys, so a restart rebuilds
+//! exactly the same queues. Receives record a per-channel cursor lazily (at-least-once
+//! after a crash). Knows nothing of HTTP.
+
+pub mod clock;
+pub mod names;
+mod state;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use tokio::sync::oneshot;
+
+use crate::config::{ChannelRules, ConfigError, LayerSettings, StorageSettings};
+use crate::message::{Message, MessageError};
+use crate::store::record::{Record, Target};
+use crate::store::{Store, StoreError, keys};
+use clock::Clock;
+use state::{Channel, Entry, Membership, State, Waiter};
+
+/// Why a layer operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidName(String),
+    #[error("{0}")]
+    InvalidMessage(#[from] MessageError),
+    #[error("message is {size} bytes, over the limit of {limit} bytes")]
+    MessageTooLarge { size: usize, limit: usize },
+    #[error("channel {channel} is full ({capacity} messages pending)")]
+    ChannelFull { channel: String, capacity: usize },
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// A message taken off a channel.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: u64,
+    pub message: Arc<Message>,
+}
+
+/// The outcome of a group_send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GroupSendReport {
+    /// Members whose queue got the message.
+    pub delivered: usize,
+    /// Members that were full and were skipped.
+    pub full: usize,
+}
+
+/// What a stream resuming after an id gets: the delivered messages still kept, and
+/// whether some after that id can no longer be had.
+#[derive(Debug, Clone, Default)]
+pub struct Replay {
+    /// Set when messages after the requested id were lost (expired or out of the log).
+    pub gap: Option<Gap>,
+    pub deliveries: Vec<Delivery>,
+}
+
+/// Messages after `after` are missing; the first one still available is `next`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    pub after: u64,
+    pub next: u64,
+}
+
+/// One channel as seen by introspection.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChannelInfo {
+    pub name: String,
+    pub pending: usize,
+    pub receivers_waiting: usize,
+}
+
+/// One group and its current members.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupInfo {
+    pub name: String,
+    pub members: Vec<String>,
+}
+
+/// Totals for a console or metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub channels: usize,
+    pub pending_messages: usize,
+    pub groups: usize,
+    pub memberships: usize,
+    pub disk_bytes: u64,
+}
+
+/// What a sweep removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub messages_deleted: usize,
+    pub memberships_lapsed: usize,
+}
+
+/// The channel layer; cheap to clone, all clones share one state.
+#[derive(Clone)]
+pub struct ChannelLayer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    rules: ChannelRules,
+    group_expiry_ms: u64,
+    max_message_bytes: usize,
+    replay_capacity: usize,
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+    next_waiter: AtomicU64,
+}
+
+impl ChannelLayer {
+    /// Opens the store in `storage.data_dir` and rebuilds the in-memory index from it.
+    /// Blocking: call it before serving, or from `spawn_blocking`.
+    pub fn open(
+        layer: &LayerSettings,
+        storage: &StorageSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, Error> {
+        let rules = layer.rules()?;
+        let store = Store::open(
+            &storage.data_dir,
+            storage.durability,
+            Duration::from_millis(storage.flush_interval_ms),
+        )?;
+        let inner = Inner {
+            store,
+            rules,
+            group_expiry_ms: layer.group_expiry_secs.saturating_mul(1000),
+            max_message_bytes: layer.max_message_bytes,
+            replay_capacity: layer.replay_capacity,
+            clock,
+            state: Mutex::new(State::default()),
+            next_waiter: AtomicU64::new(1),
+        };
+        let state = inner.rebuild()?;
+        *inner.state.lock() = state;
+        Ok(ChannelLayer {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Appends `message` to `channel` and returns its id once durable.
+    pub async fn send(&self, channel: &str, message: Message) -> Result<u64, Error> {
+        names::check_channel(channel)?;
+        let inner = &*self.inner;
+        inner.check_size(&message)?;
+        let message = Arc::new(message);
+        let (id, ticket) = {
+            let mut state = inner.state.lock();
+            let now = inner.clock.now_ms();
+            let ch = state.channel(channel, &inner.rules, inner.replay_capacity);
+            if ch.is_full(now) {
+                return Err(Error::ChannelFull {
+                    channel: channel.to_string(),
+                    capacity: ch.capacity,
+                });
+            }
+            let sent_at_ms = state.send_time(now);
+            let id = inner.store.next_id()?;
+            let record = Record {
+                sent_at_ms,
+                target: Target::Channel(channel.to_string()),
+                skipped: Vec::new(),
+                body: message.msgpack().clone(),
+            };
+            let ticket = inner.store.insert(&keys::message(id), &record.encode())?;
+            let ch = state.channel(channel, &inner.rules, inner.replay_capacity);
+            ch.queue.push_back(Entry {
+                id,
+                sent_at_ms,
+                group: None,
+                message,
+            });
+            ch.wake();
+            (id, ticket)
+        };
+        inner.store.commit(ticket).await?;
+        Ok(id)
+    }
+
+    /// Takes the oldest unexpired message off `channel`, waiting up to `wait` for one.
+    /// Receivers that wait are served longest-waiting first. Dropping the returned
+    /// future before it completes never consumes a message.
+    pub async fn receive(&self, channel: &str, wait: Duration) -> Result<Option<Delivery>, Error> {
+        names::check_channel(channel)?;
+        let inner = &*self.inner;
+        let mut guard = {
+            let mut state = inner.state.lock();
+            let ch = state.channel(channel, &inner.rules, inner.replay_capacity);
+            if let Some(delivery) = inner.take(channel, ch)? {
+                return Ok(Some(delivery));
+            }
+            if wait.is_zero() {
+                return Ok(None);
+            }
+            let id = inner.next_waiter.fetch_add(1, Ordering::Relaxed);
+            let (wake, woken) = oneshot::channel();
+            ch.waiters.push_back(Waiter { id, wake });
+            WaitGuard {
+                inner,
+                channel,
+                id,
+                woken,
+                done: false,
+            }
+        };
+        match tokio::time::timeout(wait, guard.wait()).await {
+            Ok(result) => result,
+            Err(_elapsed) => Ok(None),
+        }
+    }
+
+    /// Adds `channel` to `group`, or refreshes its membership.
+    pub async fn group_add(&self, group: &str, channel: &str) -> Result<(), Error> {
+        names::check_group(group)?;
+        names::check_channel(channel)?;
+        let inner = &*self.inner;
+        let ticket = {
+            let mut state = inner.state.lock();
+            let now = inner.clock.now_ms();
+            let existing = state
+                .groups
+                .get(group)
+                .and_then(|members| members.get(channel))
+                .copied();
+            let mut batch = sled::Batch::default();
+            let membership = match existing {
+                Some(m) if m.active_at(now, inner.group_expiry_ms) => Membership {
+                    joined_id: m.joined_id,
+                    last_add_ms: now.max(m.last_add_ms),
+                },
+                lapsed_or_new => {
+                    if lapsed_or_new.is_some() {
+                        inner.pin_group_messages(&state, group, channel, &mut batch);
+                    }
+                    Membership {
+                        joined_id: inner.store.next_id()?,
+                        last_add_ms: now,
+                    }
+                }
+            };
+            batch.insert(
+                keys::membership(group, channel).as_slice(),
+                keys::encode_membership(membership.joined_id, membership.last_add_ms).as_slice(),
+            );
+            let ticket = inner.store.apply(batch)?;
+            state
+                .groups
+                .entry(group.to_string())
+                .or_default()
+                .insert(channel.to_string(), membership);
+            ticket
+        };
+        inner.store.commit(ticket).await?;
+        Ok(())
+    }
+
+    /// Removes `channel` from `group`; not an error when it is not a member. Messages
+    /// the group already put into the channel's queue stay there.
+    pub async fn group_discard(&self, group: &str, channel: &str) -> Result<(), Error> {
+        names::check_group(group)?;
+        names::check_channel(channel)?;
+        let inner = &*self.inner;
+        let ticket = {
+            let mut state = inner.state.lock();
+            let is_member = state
+                .groups
+                .get(group)
+                .is_some_and(|members| members.contains_key(channel));
+            if !is_member {
+                return Ok(());
+            }
+            let mut batch = sled::Batch::default();
+            inner.pin_group_messages(&state, group, channel, &mut batch);
+            batch.remove(keys::membership(group, channel));
+            let ticket = inner.store.apply(batch)?;
+            remove_member(&mut state, group, channel);
+            ticket
+        };
+        inner.store.commit(ticket).await?;
+        Ok(())
+    }
+
+    /// Puts a copy of `message` into every current member's queue, with one durable
+    /// write. Full members are skipped and counted, never an error.
+    pub async fn group_send(&self, group: &str, message: Message) -> Result<GroupSendReport, Error> {
+        names::check_group(group)?;
+        let inner = &*self.inner;
+        inner.check_size(&message)?;
+        let message = Arc::new(message);
+        let group_name: Arc<str> = Arc::from(group);
+        let (report, ticket) = {
+            let mut guard = inner.state.lock();
+            let state = &mut *guard;
+            let now = inner.clock.now_ms();
+            let sent_at_ms = state.send_time(now);
+            let Some(members) = state.groups.get(group) else {
+                return Ok(GroupSendReport::default());
+            };
+            let mut targets = Vec::with_capacity(members.len());
+            let mut skipped = Vec::new();
+            for (channel, membership) in members {
+                if !membership.active_at(sent_at_ms, inner.group_expiry_ms) {
+                    continue;
+                }
+                let ch = channel_entry(&mut state.channels, channel, inner);
+                if ch.is_full(sent_at_ms) {
+                    skipped.push(channel.clone());
+                } else {
+                    targets.push(channel.as_str());
+                }
+            }
+            let id = inner.store.next_id()?;
+            let report = GroupSendReport {
+                delivered: targets.len(),
+                full: skipped.len(),
+            };
+            let record = Record {
+                sent_at_ms,
+                target: Target::Group(group.to_string()),
+                skipped,
+                body: message.msgpack().clone(),
+            };
+            let ticket = inner.store.insert(&keys::message(id), &record.encode())?;
+            let entry = Entry {
+                id,
+                sent_at_ms,
+                group: Some(group_name),
+                message,
+            };
+            for channel in targets {
+                let ch = state.channels.get_mut(channel).expect("created above");
+                ch.queue.push_back(entry.clone());
+                ch.wake();
+            }
+            (report, ticket)
+        };
+        inner.store.commit(ticket).await?;
+        Ok(report)
+    }
+
+    /// A fresh, unique, valid channel name: `{prefix}.{random}!{random}`.
+    pub fn new_channel(&self, prefix: &str) -> Result<String, Error> {
+        const RANDOM_LEN: usize = 12;
+        let prefix = if prefix.is_empty() { "specific" } else { prefix };
+        if prefix.contains('!') {
+            return Err(Error::InvalidName(
+                "channel prefix must not contain '!'".to_string(),
+            ));
+        }
+        let mut rng = rand::rng();
+        let mut random = || -> String {
+            (&mut rng)
+                .sample_iter(Alphanumeric)
+                .take(RANDOM_LEN)
+                .map(char::from)
+                .collect()
+        };
+        let name = format!("{prefix}.{}!{}", random(), random());
+        names::check_channel(&name).map_err(|e| {
+            Error::InvalidName(format!("channel prefix makes an invalid name: {e}"))
+        })?;
+        Ok(name)
+    }
+
+    /// Drops everything pending on `channel` and its replay log (for channels made for
+    /// one connection, deleted when it ends). Memberships are not touched.
+    pub async fn delete_channel(&self, channel: &str) -> Result<(), Error> {
+        names::check_channel(channel)?;
+        let inner = &*self.inner;
+        let ticket = {
+            let mut state = inner.state.lock();
+            let Some(ch) = state.channels.get_mut(channel) else {
+                return Ok(());
+            };
+            let Some(last) = ch.queue.back().or(ch.delivered.back()).map(|e| e.id) else {
+                return Ok(());
+            };
+            let mut batch = sled::Batch::default();
+            batch.insert(keys::cursor(channel).as_slice(), keys::encode_u64(last).as_slice());
+            for entry in ch.queue.iter().chain(ch.delivered.iter()) {
+                batch.remove(keys::reference(entry.id, channel));
+            }
+            let ticket = inner.store.apply(batch)?;
+            ch.lost_upto = ch.lost_upto.max(last);
+            ch.queue.clear();
+            ch.delivered.clear();
+            ticket
+        };
+        inner.store.commit(ticket).await?;
+        Ok(())
+    }
+
+    /// How long a membership lasts after its last group_add.
+    pub fn group_expiry(&self) -> Duration {
+        Duration::from_millis(self.inner.group_expiry_ms)
+    }
+
+    /// Deletes every message, membership and cursor. Ids keep growing.
+    pub async fn flush(&self) -> Result<(), Error> {
+        let inner = &*self.inner;
+        let ticket = {
+            let mut state = inner.state.lock();
+            let ticket = inner.store.clear()?;
+            state.groups.clear();
+            for ch in state.channels.values_mut() {
+                ch.queue.clear();
+                ch.delivered.clear();
+            }
+            state.channels.retain(|_, ch| !ch.is_idle());
+            ticket
+        };
+        inner.store.commit(ticket).await?;
+        Ok(())
+    }
+
+    /// Delivered messages after `after_id` that the channel's replay log still holds,
+    /// and a gap when some after `after_id` are gone.
+    pub fn replay(&self, channel: &str, after_id: u64) -> Result<Replay, Error> {
+        names::check_channel(channel)?;
+        let inner = &*self.inner;
+        let mut state = inner.state.lock();
+        let now = inner.clock.now_ms();
+        let Some(ch) = state.channels.get_mut(channel) else {
+            return Ok(Replay::default());
+        };
+        ch.drop_expired(now);
+        let deliveries: Vec<Delivery> = ch
+            .delivered
+            .iter()
+            .filter(|e| e.id > after_id)
+            .map(delivery)
+            .collect();
+        let gap = (ch.lost_upto > after_id).then(|| {
+            let next = deliveries
+                .first()
+                .map(|d| d.id)
+                .or_else(|| ch.queue.front().map(|e| e.id))
+                .unwrap_or(ch.lost_upto + 1);
+            Gap {
+                after: after_id,
+                next,
+            }
+        });
+        Ok(Replay { gap, deliveries })
+    }
+
+    /// Every channel that holds messages or has receivers waiting, by name.
+    pub fn channels(&self) -> Vec<ChannelInfo> {
+        let inner = &*self.inner;
+        let mut state = inner.state.lock();
+        let now = inner.clock.now_ms();
+        let mut list: Vec<ChannelInfo> = state
+            .channels
+            .iter_mut()
+            .filter_map(|(name, ch)| {
+                ch.drop_expired(now);
+                (!ch.queue.is_empty() || !ch.waiters.is_empty()).then(|| ChannelInfo {
+                    name: name.clone(),
+                    pending: ch.queue.len(),
+                    receivers_waiting: ch.waiters.len(),
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Every group with at least one current member, by name.
+    pub fn groups(&self) -> Vec<GroupInfo> {
+        let inner = &*self.inner;
+        let state = inner.state.lock();
+        let now = inner.clock.now_ms();
+        let mut list: Vec<GroupInfo> = state
+            .groups
+            .iter()
+            .map(|(name, members)| GroupInfo {
+                name: name.clone(),
+                members: current_members(members, now, inner.group_expiry_ms),
+            })
+            .filter(|g| !g.members.is_empty())
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// The current members of `group`, by name.
+    pub fn group_members(&self, group: &str) -> Result<Vec<String>, Error> {
+        names::check_group(group)?;
+        let inner = &*self.inner;
+        let state = inner.state.lock();
+        Ok(state
+            .groups
+            .get(group)
+            .map(|m| current_members(m, inner.clock.now_ms(), inner.group_expiry_ms))
+            .unwrap_or_default())
+    }
+
+    /// The number of unexpired messages pending on `channel`.
+    pub fn pending(&self, channel: &str) -> usize {
+        let inner = &*self.inner;
+        let mut state = inner.state.lock();
+        let now = inner.clock.now_ms();
+        state.channels.get_mut(channel).map_or(0, |ch| {
+            ch.drop_expired(now);
+            ch.queue.len()
+        })
+    }
+
+    /// Totals over the whole layer.
+    pub fn stats(&self) -> Stats {
+        let channels = self.channels();
+        let groups = self.groups();
+        Stats {
+            channels: channels.len(),
+            pending_messages: channels.iter().map(|c| c.pending).sum(),
+            groups: groups.len(),
+            memberships: groups.iter().map(|g| g.members.len()).sum(),
+            disk_bytes: self.inner.store.size_on_disk(),
+        }
+    }
+
+    /// Removes expired messages and lapsed memberships from memory and disk. The server
+    /// runs it every `storage.sweep_interval_ms`; it blocks on disk work, so call it
+    /// from `spawn_blocking`.
+    pub fn sweep(&self) -> Result<SweepReport, Error> {
+        let inner = &*self.inner;
+        let now = inner.clock.now_ms();
+        let memberships_lapsed = inner.sweep_memory(now)?;
+        let retention = inner.rules.max_retention().as_millis() as u64;
+        let messages_deleted = inner.sweep_disk(now.saturating_sub(retention))?;
+        Ok(SweepReport {
+            messages_deleted,
+            memberships_lapsed,
+        })
+    }
+
+    /// Writes everything to disk now (for shutdown).
+    pub fn flush_to_disk(&self) -> Result<(), Error> {
+        Ok(self.inner.store.flush_blocking()?)
+    }
+
+    /// Largest accepted message, in bytes of msgpack.
+    pub fn max_message_bytes(&self) -> usize {
+        self.inner.max_message_bytes
+    }
+}
+
+fn delivery(entry: &Entry) -> Delivery {
+    Delivery {
+        id: entry.id,
+        message: entry.message.clone(),
+    }
+}
+
+fn channel_entry<'a>(
+    channels: &'a mut HashMap<String, Channel>,
+    name: &str,
+    inner: &Inner,
+) -> &'a mut Channel {
+    if !channels.contains_key(name) {
+        channels.insert(
+            name.to_string(),
+            Channel::new(name, &inner.rules, inner.replay_capacity),
+        );
+    }
+    channels.get_mut(name).expect("inserted above")
+}
+
+fn current_members(
+    members: &HashMap<String, Membership>,
+    now: u64,
+    group_expiry_ms: u64,
+) -> Vec<String> {
+    let mut list: Vec<String> = members
+        .iter()
+        .filter(|(_, m)| m.active_at(now, group_expiry_ms))
+        .map(|(name, _)| name.clone())
+        .collect();
+    list.sort();
+    list
+}
+
+fn remove_member(state: &mut State, group: &str, channel: &str) {
+    if let Some(members) = state.groups.get_mut(group) {
+        members.remove(channel);
+        if members.is_empty() {
+            state.groups.remove(group);
+        }
+    }
+}
+
+impl Inner {
+    fn check_size(&self, message: &Message) -> Result<(), Error> {
+        if message.encoded_len() > self.max_message_bytes {
+            return Err(Error::MessageTooLarge {
+                size: message.encoded_len(),
+                limit: self.max_message_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes the oldest pending message not reserved for a woken waiter, recording the
+    /// channel's cursor (lazily durable).
+    fn take(&self, channel: &str, ch: &mut Channel) -> Result<Option<Delivery>, Error> {
+        ch.drop_expired(self.clock.now_ms());
+        if ch.queue.len() <= ch.reserved {
+            return Ok(None);
+        }
+        let entry = ch.queue.pop_front().expect("queue is longer than reserved");
+        if let Err(e) = self
+            .store
+            .insert(&keys::cursor(channel), &keys::encode_u64(entry.id))
+        {
+            ch.queue.push_front(entry);
+            ch.wake();
+            return Err(e.into());
+        }
+        let taken = delivery(&entry);
+        ch.remember(entry);
+        Ok(Some(taken))
+    }
+
+    /// Adds reference keys so that the group's messages the channel holds stay its own
+    /// after the membership ends (also across a restart).
+    fn pin_group_messages(&self, state: &State, group: &str, channel: &str, batch: &mut sled::Batch) {
+        let Some(ch) = state.channels.get(channel) else {
+            return;
+        };
+        for entry in ch.queue.iter().chain(ch.delivered.iter()) {
+            if entry.group.as_deref() == Some(group) {
+                batch.insert(keys::reference(entry.id, channel), &[]);
+            }
+        }
+    }
+
+    /// Drops expired entries, forgets idle channels, ends lapsed memberships.
+    fn sweep_memory(&self, now: u64) -> Result<usize, Error> {
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        for ch in state.channels.values_mut() {
+            ch.drop_expired(now);
+        }
+        let mut batch = sled::Batch::default();
+        let mut lapsed = Vec::new();
+        for (group, members) in &state.groups {
+            for (channel, membership) in members {
+                if !membership.active_at(now, self.group_expiry_ms) {
+                    self.pin_group_messages(state, group, channel, &mut batch);
+                    batch.remove(keys::membership(group, channel));
+                    lapsed.push((group.clone(), channel.clone()));
+                }
+            }
+        }
+        if !lapsed.is_empty() {
+            self.store.apply(batch)?;
+            for (group, channel) in &lapsed {
+                remove_member(state, group, channel);
+            }
+        }
+        state.channels.retain(|_, ch| !ch.is_idle());
+        Ok(lapsed.len())
+    }
+
+    /// Deletes stored messages sent before `cutoff_ms` (past every expiry and replay
+    /// time), their reference keys, and cursors that no longer point at anything.
+    fn sweep_disk(&self, cutoff_ms: u64) -> Result<usize, Error> {
+        const BATCH: usize = 10_000;
+        let mut deleted = 0;
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut in_batch = 0;
+            let mut first_kept = None;
+            for item in self.store.scan(&[keys::MESSAGE]) {
+                let (key, value) = item?;
+                let id = keys::message_id(&key).unwrap_or(0);
+                match Record::decode_sent_at(&value) {
+                    Some(sent_at) if sent_at >= cutoff_ms => {
+                        first_kept = Some(id);
+                        break;
+                    }
+                    _ => {}
+                }
+                batch.remove(key);
+                in_batch += 1;
+                if in_batch == BATCH {
+                    first_kept = Some(id + 1);
+                    break;
+                }
+            }
+            let upto = first_kept.unwrap_or(u64::MAX);
+            if in_batch == 0 {
+                return Ok(deleted);
+            }
+            for item in self.store.range(&keys::reference_from(0), &keys::reference_from(upto)) {
+                batch.remove(item?.0);
+            }
+            for item in self.store.scan(&[keys::CURSOR]) {
+                let (key, value) = item?;
+                if keys::decode_u64(&value).is_some_and(|cursor| cursor < upto) {
+                    batch.remove(key);
+                }
+            }
+            self.store.apply(batch)?;
+            deleted += in_batch;
+            if in_batch < BATCH {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Reads the store back into memory: memberships, cursors, references, then every
+    /// message in id order, placed in each recipient's queue or replay log.
+    fn rebuild(&self) -> Result<State, Error> {
+        let now = self.clock.now_ms();
+        let corrupt = |what: &str| StoreError::Corrupt {
+            path: self.store.path().to_path_buf(),
+            detail: format!("unreadable {what} record"),
+        };
+        let mut state = State::default();
+        for item in self.store.scan(&[keys::MEMBERSHIP]) {
+            let (key, value) = item?;
+            let (group, channel) = keys::membership_parts(&key).ok_or_else(|| corrupt("membership"))?;
+            let (joined_id, last_add_ms) =
+                keys::decode_membership(&value).ok_or_else(|| corrupt("membership"))?;
+            state.groups.entry(group.to_string()).or_default().insert(
+                channel.to_string(),
+                Membership {
+                    joined_id,
+                    last_add_ms,
+                },
+            );
+        }
+        let mut cursors = HashMap::new();
+        for item in self.store.scan(&[keys::CURSOR]) {
+            let (key, value) = item?;
+            let channel = keys::cursor_channel(&key).ok_or_else(|| corrupt("cursor"))?;
+            let cursor = keys::decode_u64(&value).ok_or_else(|| corrupt("cursor"))?;
+            cursors.insert(channel.to_string(), cursor);
+        }
+        let mut references: HashMap<u64, Vec<String>> = HashMap::new();
+        for item in self.store.scan(&[keys::REF]) {
+            let (key, _) = item?;
+            let (id, channel) = keys::reference_parts(&key).ok_or_else(|| corrupt("reference"))?;
+            references.entry(id).or_default().push(channel.to_string());
+        }
+        for item in self.store.scan(&[keys::MESSAGE]) {
+            let (key, value) = item?;
+            let id = keys::message_id(&key).ok_or_else(|| corrupt("message"))?;
+            let record = Record::decode(&value).ok_or_else(|| corrupt("message"))?;
+            state.last_sent_at_ms = state.last_sent_at_ms.max(record.sent_at_ms);
+            let mut recipients = references.remove(&id).unwrap_or_default();
+            let group = match &record.target {
+                Target::Channel(channel) => {
+                    recipients.push(channel.clone());
+                    None
+                }
+                Target::Group(group) => {
+                    if let Some(members) = state.groups.get(group) {
+                        recipients.extend(
+                            members
+                                .iter()
+                                .filter(|(channel, m)| {
+                                    m.joined_id < id
+                                        && m.active_at(record.sent_at_ms, self.group_expiry_ms)
+                                        && !record.skipped.contains(channel)
+                                })
+                                .map(|(channel, _)| channel.clone()),
+                        );
+                    }
+                    Some(Arc::<str>::from(group.as_str()))
+                }
+            };
+            let message = Arc::new(Message::trusted(record.body));
+            for channel in recipients {
+                let delivered = cursors.get(&channel).is_some_and(|c| id <= *c);
+                let ch = channel_entry(&mut state.channels, &channel, self);
+                let entry = Entry {
+                    id,
+                    sent_at_ms: record.sent_at_ms,
+                    group: group.clone(),
+                    message: message.clone(),
+                };
+                if delivered {
+                    ch.remember(entry);
+                } else {
+                    ch.queue.push_back(entry);
+                }
+            }
+        }
+        for ch in state.channels.values_mut() {
+            ch.drop_expired(now);
+        }
+        state.channels.retain(|_, ch| !ch.is_idle());
+        Ok(state)
+    }
+}
+
+/// A receive waiting in a channel's waiter list. Dropping it (timeout, cancellation)
+/// removes it from the list, or passes a wake-up it did not use on to the next waiter.
+struct WaitGuard<'a> {
+    inner: &'a Inner,
+    channel: &'a str,
+    id: u64,
+    woken: oneshot::Receiver<()>,
+    done: bool,
+}
+
+impl WaitGuard<'_> {
+    async fn wait(&mut self) -> Result<Option<Delivery>, Error> {
+        loop {
+            let was_woken = (&mut self.woken).await.is_ok();
+            let inner = self.inner;
+            let mut state = inner.state.lock();
+            let ch = state.channel(self.channel, &inner.rules, inner.replay_capacity);
+            if was_woken {
+                ch.reserved -= 1;
+            }
+            match inner.take(self.channel, ch) {
+                Ok(None) => {
+                    // The message expired first: wait again, still first in line.
+                    let (wake, woken) = oneshot::channel();
+                    ch.waiters.push_front(Waiter { id: self.id, wake });
+                    self.woken = woken;
+                    ch.wake();
+                }
+                result => {
+                    self.done = true;
+                    ch.wake();
+                    return result;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut state = self.inner.state.lock();
+        let Some(ch) = state.channels.get_mut(self.channel) else {
+            return;
+        };
+        if self.woken.try_recv().is_ok() {
+            ch.reserved -= 1;
+            ch.wake();
+        } else {
+            ch.waiters.retain(|w| w.id != self.id);
+        }
+    }
+}

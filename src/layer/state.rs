@@ -1,0 +1,168 @@
+//! The in-memory index of the channel layer: per-channel queues, replay logs and waiting
+//! receivers, and group memberships. It is rebuilt from the store at start and changed
+//! only under the layer's lock, in the same order as the store's writes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::config::ChannelRules;
+use crate::message::Message;
+
+/// One message in a channel's queue or replay log.
+#[derive(Debug, Clone)]
+pub(super) struct Entry {
+    pub id: u64,
+    pub sent_at_ms: u64,
+    /// The group it came through, if any (for keeping it when the membership ends).
+    pub group: Option<Arc<str>>,
+    pub message: Arc<Message>,
+}
+
+/// A receive waiting for a message.
+pub(super) struct Waiter {
+    pub id: u64,
+    pub wake: oneshot::Sender<()>,
+}
+
+/// One channel's state.
+pub(super) struct Channel {
+    pub capacity: usize,
+    pub expiry_ms: u64,
+    pub replay_ms: u64,
+    pub replay_capacity: usize,
+    /// Pending messages, oldest first (ids and send times both ascend).
+    pub queue: VecDeque<Entry>,
+    /// Delivered messages kept for replay, oldest first.
+    pub delivered: VecDeque<Entry>,
+    /// Receivers waiting, longest-waiting first.
+    pub waiters: VecDeque<Waiter>,
+    /// Waiters woken for a message that they have not taken yet; those messages are
+    /// theirs, so a newly arriving receive may not take them.
+    pub reserved: usize,
+    /// The highest id that left this channel without being delivered or kept for
+    /// replay (expired, or pushed out of the replay log): resuming after an earlier id
+    /// may have missed it.
+    pub lost_upto: u64,
+}
+
+impl Channel {
+    pub fn new(name: &str, rules: &ChannelRules, replay_capacity: usize) -> Self {
+        Channel {
+            capacity: rules.capacity(name),
+            expiry_ms: rules.expiry(name).as_millis() as u64,
+            replay_ms: rules.replay(name).as_millis() as u64,
+            replay_capacity,
+            queue: VecDeque::new(),
+            delivered: VecDeque::new(),
+            waiters: VecDeque::new(),
+            reserved: 0,
+            lost_upto: 0,
+        }
+    }
+
+    /// Drops expired pending messages and replay entries past their time.
+    pub fn drop_expired(&mut self, now_ms: u64) {
+        while let Some(front) = self.queue.front() {
+            if front.sent_at_ms + self.expiry_ms > now_ms {
+                break;
+            }
+            self.lost_upto = self.lost_upto.max(front.id);
+            self.queue.pop_front();
+        }
+        while let Some(front) = self.delivered.front() {
+            if front.sent_at_ms + self.replay_ms > now_ms {
+                break;
+            }
+            self.lost_upto = self.lost_upto.max(front.id);
+            self.delivered.pop_front();
+        }
+    }
+
+    /// Whether a new message would exceed the capacity (after dropping expired ones).
+    pub fn is_full(&mut self, now_ms: u64) -> bool {
+        self.drop_expired(now_ms);
+        self.queue.len() >= self.capacity
+    }
+
+    /// Keeps a delivered message for replay, within the replay log's bounds.
+    pub fn remember(&mut self, entry: Entry) {
+        if self.replay_capacity == 0 {
+            self.lost_upto = self.lost_upto.max(entry.id);
+            return;
+        }
+        if self.delivered.len() >= self.replay_capacity
+            && let Some(old) = self.delivered.pop_front()
+        {
+            self.lost_upto = self.lost_upto.max(old.id);
+        }
+        self.delivered.push_back(entry);
+    }
+
+    /// Hands pending messages to waiting receivers, longest-waiting first.
+    pub fn wake(&mut self) {
+        while self.queue.len() > self.reserved {
+            let Some(waiter) = self.waiters.pop_front() else {
+                break;
+            };
+            if waiter.wake.send(()).is_ok() {
+                self.reserved += 1;
+            }
+        }
+    }
+
+    /// Nothing in it and nobody waiting: it can be forgotten.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty()
+            && self.delivered.is_empty()
+            && self.waiters.is_empty()
+            && self.reserved == 0
+    }
+}
+
+/// A channel's membership in a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Membership {
+    /// Group messages with a higher id reach the channel (while the membership lasts).
+    pub joined_id: u64,
+    pub last_add_ms: u64,
+}
+
+impl Membership {
+    /// Whether the membership is in force at `at_ms`.
+    pub fn active_at(&self, at_ms: u64, group_expiry_ms: u64) -> bool {
+        at_ms < self.last_add_ms.saturating_add(group_expiry_ms)
+    }
+}
+
+/// Everything the layer holds in memory.
+#[derive(Default)]
+pub(super) struct State {
+    pub channels: HashMap<String, Channel>,
+    pub groups: HashMap<String, HashMap<String, Membership>>,
+    /// Send times never go backwards, so ids and send times ascend together.
+    pub last_sent_at_ms: u64,
+}
+
+impl State {
+    /// The channel, created on first use.
+    pub fn channel(
+        &mut self,
+        name: &str,
+        rules: &ChannelRules,
+        replay_capacity: usize,
+    ) -> &mut Channel {
+        if !self.channels.contains_key(name) {
+            self.channels
+                .insert(name.to_string(), Channel::new(name, rules, replay_capacity));
+        }
+        self.channels.get_mut(name).expect("inserted above")
+    }
+
+    /// The send time for a new message: now, but never before the previous one.
+    pub fn send_time(&mut self, now_ms: u64) -> u64 {
+        self.last_sent_at_ms = self.last_sent_at_ms.max(now_ms);
+        self.last_sent_at_ms
+    }
+}

@@ -1,0 +1,18 @@
+//! Herald: the Django Channels channel layer as one durable Rust server.
+//!
+//! # Layout
+//! - [`config`]: settings from the compiled-in `config/default.toml`, a file and the environment.
+//! - [`message`]: message validation and its msgpack and JSON forms.
+//! - [`store`]: the sled database: key layout, records, format version, group commit. No HTTP.
+//! - [`layer`]: the channel layer (channels, groups, capacity, expiry, waiting receivers). No HTTP.
+//! - [`http`]: the warp routes (HTTP, SSE, WebSocket) and the one mapping of errors to status codes.
+//! - [`server`]: binds, serves, sweeps, and shuts down on a signal.
+
+pub mod config;
+pub mod http;
+pub mod layer;
+pub mod message;
+pub mod server;
+pub mod store;
+
+pub use layer::ChannelLayer;

@@ -1,0 +1,106 @@
+//! The `herald` command: parses flags, sets up logging and settings, and runs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use herald::config::Settings;
+use herald::server;
+
+/// Herald: a durable channel layer (channels, groups, expiry, capacity) over HTTP,
+/// SSE and WebSocket.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the server.
+    Serve {
+        /// Configuration file overriding the built-in defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on, overriding `server.listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Data directory, overriding `storage.data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print the effective configuration as TOML.
+    Config {
+        /// Configuration file overriding the built-in defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => load(config, listen, data_dir).and_then(serve),
+        Command::Config { config } => load(config, None, None).and_then(|settings| {
+            let text = toml::to_string(&settings).map_err(|e| e.to_string())?;
+            print!("{text}");
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("herald: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(
+    config: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+) -> Result<Settings, String> {
+    let mut settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+    if let Some(listen) = listen {
+        settings.server.listen = listen;
+    }
+    if let Some(data_dir) = data_dir {
+        settings.storage.data_dir = data_dir;
+    }
+    settings.validate().map_err(|e| e.to_string())?;
+    Ok(settings)
+}
+
+fn serve(settings: Settings) -> Result<(), String> {
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let layer = server::open_layer(&settings).await.map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind(settings.server.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", settings.server.listen))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!(
+            %addr,
+            data_dir = %settings.storage.data_dir.display(),
+            durability = ?settings.storage.durability,
+            "herald is serving"
+        );
+        println!("herald listening on http://{addr}");
+        server::run(settings, layer, listener, server::signal()).await;
+        Ok(())
+    })
+}

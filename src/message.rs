@@ -1,0 +1,374 @@
+//! Messages: maps with a string `"type"`, stored as msgpack, and their JSON form.
+//!
+//! A [`Message`] is validated once when it is built (from JSON, msgpack or a value) and
+//! keeps its msgpack encoding, which is what the store writes and what clients get back.
+//! Key order and the integer/float distinction survive every round trip; binary values
+//! appear in JSON as `{"$binary": "<base64>"}`.
+
+use std::sync::OnceLock;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use rmpv::Value;
+
+/// Deepest nesting a message may have (the top-level map counts as level 1).
+pub const MAX_DEPTH: usize = 32;
+
+/// The key Django reserves for routing, refused in messages.
+pub const RESERVED_KEY: &str = "__asgi_channel__";
+
+/// The JSON key that carries binary values in JSON form.
+pub const BINARY_KEY: &str = "$binary";
+
+/// Why bytes or a value are not an acceptable message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// The bytes are not well-formed JSON, msgpack or UTF-8.
+    #[error("{0}")]
+    Malformed(String),
+    /// Well-formed, but not a valid message (no type, not a map, reserved key, too deep).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A validated message with its msgpack encoding (and its JSON text, made once on demand).
+#[derive(Debug)]
+pub struct Message {
+    msgpack: Bytes,
+    json: OnceLock<String>,
+}
+
+impl Clone for Message {
+    fn clone(&self) -> Self {
+        Message::trusted(self.msgpack.clone())
+    }
+}
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Self) -> bool {
+        self.msgpack == other.msgpack
+    }
+}
+
+impl Message {
+    /// Validates `value` and encodes it.
+    pub fn from_value(value: &Value) -> Result<Self, MessageError> {
+        validate(value)?;
+        let mut buf = Vec::with_capacity(64);
+        rmpv::encode::write_value(&mut buf, value).expect("writing to a Vec cannot fail");
+        Ok(Message::trusted(buf.into()))
+    }
+
+    /// Decodes and validates a msgpack map.
+    pub fn from_msgpack(bytes: &[u8]) -> Result<Self, MessageError> {
+        let mut reader = bytes;
+        let value = rmpv::decode::read_value_with_max_depth(&mut reader, 2 * MAX_DEPTH + 8)
+            .map_err(|e| match e {
+                rmpv::decode::Error::DepthLimitExceeded => too_deep(),
+                e => MessageError::Malformed(format!("malformed msgpack: {e}")),
+            })?;
+        if !reader.is_empty() {
+            return Err(MessageError::Malformed(
+                "malformed msgpack: trailing bytes after the message".to_string(),
+            ));
+        }
+        validate(&value)?;
+        Ok(Message::trusted(Bytes::copy_from_slice(bytes)))
+    }
+
+    /// Parses and validates a JSON object; `{"$binary": "..."}` becomes binary.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, MessageError> {
+        let json: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+            if e.to_string().contains("recursion limit") {
+                too_deep()
+            } else {
+                MessageError::Malformed(format!("malformed JSON: {e}"))
+            }
+        })?;
+        Message::from_json_value(&json)
+    }
+
+    /// Validates a parsed JSON value as a message.
+    pub fn from_json_value(json: &serde_json::Value) -> Result<Self, MessageError> {
+        Message::from_value(&json_to_value(json, 1)?)
+    }
+
+    /// The message `{"type": "text", "text": text}` for plain-text publishes.
+    pub fn text(text: &str) -> Self {
+        let value = Value::Map(vec![
+            (Value::from("type"), Value::from("text")),
+            (Value::from("text"), Value::from(text)),
+        ]);
+        Message::from_value(&value).expect("a text message is valid")
+    }
+
+    /// Wraps msgpack that was validated before (e.g. read back from the store).
+    pub(crate) fn trusted(msgpack: Bytes) -> Self {
+        Message {
+            msgpack,
+            json: OnceLock::new(),
+        }
+    }
+
+    /// The msgpack encoding, as stored.
+    pub fn msgpack(&self) -> &Bytes {
+        &self.msgpack
+    }
+
+    /// The number of bytes of the msgpack encoding.
+    pub fn encoded_len(&self) -> usize {
+        self.msgpack.len()
+    }
+
+    /// The decoded value.
+    pub fn value(&self) -> Value {
+        rmpv::decode::read_value(&mut &self.msgpack[..]).expect("stored messages are valid")
+    }
+
+    /// The message's `"type"`.
+    pub fn message_type(&self) -> String {
+        match self.value() {
+            Value::Map(entries) => entries
+                .into_iter()
+                .find(|(k, _)| k.as_str() == Some("type"))
+                .and_then(|(_, v)| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
+    }
+
+    /// The JSON form, on one line; computed once and shared by every reader.
+    pub fn json(&self) -> &str {
+        self.json.get_or_init(|| value_to_json(&self.value()).to_string())
+    }
+
+    /// The JSON form as a value.
+    pub fn json_value(&self) -> serde_json::Value {
+        value_to_json(&self.value())
+    }
+}
+
+fn too_deep() -> MessageError {
+    MessageError::Invalid(format!("message nests deeper than {MAX_DEPTH} levels"))
+}
+
+/// Checks the message rules on a decoded value.
+fn validate(value: &Value) -> Result<(), MessageError> {
+    let Value::Map(entries) = value else {
+        return Err(MessageError::Invalid(
+            "message must be a map (a JSON object)".to_string(),
+        ));
+    };
+    check_nested(value, 1)?;
+    let mut has_type = false;
+    for (key, val) in entries {
+        match key.as_str() {
+            Some(RESERVED_KEY) => {
+                return Err(MessageError::Invalid(format!(
+                    "message must not contain the reserved key {RESERVED_KEY:?}"
+                )));
+            }
+            Some("type") => match val.as_str() {
+                Some(t) if !t.is_empty() => has_type = true,
+                _ => {
+                    return Err(MessageError::Invalid(
+                        "message \"type\" must be a non-empty string".to_string(),
+                    ));
+                }
+            },
+            _ => {}
+        }
+    }
+    if !has_type {
+        return Err(MessageError::Invalid(
+            "message must have a \"type\" key".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_nested(value: &Value, depth: usize) -> Result<(), MessageError> {
+    if depth > MAX_DEPTH {
+        return Err(too_deep());
+    }
+    match value {
+        Value::Array(items) => items.iter().try_for_each(|v| check_nested(v, depth + 1)),
+        Value::Map(entries) => entries.iter().try_for_each(|(k, v)| {
+            if !k.is_str() {
+                return Err(MessageError::Invalid(
+                    "map keys must be strings".to_string(),
+                ));
+            }
+            check_nested(v, depth + 1)
+        }),
+        Value::String(s) if !s.is_str() => Err(MessageError::Malformed(
+            "strings must be valid UTF-8".to_string(),
+        )),
+        Value::Ext(..) => Err(MessageError::Invalid(
+            "msgpack extension types are not supported".to_string(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Converts JSON to a msgpack value (`{"$binary": ...}` to binary), refusing deep nesting.
+pub fn json_to_value(json: &serde_json::Value, depth: usize) -> Result<Value, MessageError> {
+    use serde_json::Value as J;
+    if depth > MAX_DEPTH {
+        return Err(too_deep());
+    }
+    Ok(match json {
+        J::Null => Value::Nil,
+        J::Bool(b) => Value::Boolean(*b),
+        J::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                Value::F64(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        J::String(s) => Value::from(s.as_str()),
+        J::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| json_to_value(v, depth + 1))
+                .collect::<Result<_, _>>()?,
+        ),
+        J::Object(map) => {
+            if let (1, Some(J::String(b64))) = (map.len(), map.get(BINARY_KEY)) {
+                let bytes = BASE64.decode(b64).map_err(|_| {
+                    MessageError::Invalid(format!("{BINARY_KEY:?} must hold base64"))
+                })?;
+                return Ok(Value::Binary(bytes));
+            }
+            Value::Map(
+                map.iter()
+                    .map(|(k, v)| Ok((Value::from(k.as_str()), json_to_value(v, depth + 1)?)))
+                    .collect::<Result<_, MessageError>>()?,
+            )
+        }
+    })
+}
+
+/// Converts a msgpack value to JSON (binary to `{"$binary": ...}`).
+pub fn value_to_json(value: &Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match value {
+        Value::Nil => J::Null,
+        Value::Boolean(b) => J::Bool(*b),
+        Value::Integer(i) => i
+            .as_i64()
+            .map(J::from)
+            .or_else(|| i.as_u64().map(J::from))
+            .unwrap_or(J::Null),
+        Value::F32(f) => float_to_json(f64::from(*f)),
+        Value::F64(f) => float_to_json(*f),
+        Value::String(s) => J::String(s.as_str().unwrap_or_default().to_string()),
+        Value::Binary(b) => serde_json::json!({ BINARY_KEY: BASE64.encode(b) }),
+        Value::Array(items) => J::Array(items.iter().map(value_to_json).collect()),
+        Value::Map(entries) => J::Object(
+            entries
+                .iter()
+                .map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), value_to_json(v)))
+                .collect(),
+        ),
+        Value::Ext(..) => J::Null,
+    }
+}
+
+/// JSON has no NaN or infinity; they become null. Whole floats keep their fraction.
+fn float_to_json(f: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(f)
+        .map(serde_json::Value::Number)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip_keeps_order_and_number_kinds() {
+        let text = r#"{"type":"chat.message","z":1,"a":1.0,"big":18446744073709551615,"neg":-5,"nested":{"b":[true,null,"x"],"a":2.5}}"#;
+        let message = Message::from_json(text.as_bytes()).unwrap();
+        assert_eq!(message.json(), text);
+        assert_eq!(message.message_type(), "chat.message");
+    }
+
+    #[test]
+    fn msgpack_round_trip_keeps_binary() {
+        let value = Value::Map(vec![
+            (Value::from("type"), Value::from("blob")),
+            (Value::from("data"), Value::Binary(vec![0, 159, 146, 150])),
+            (Value::from("f"), Value::F32(1.5)),
+        ]);
+        let message = Message::from_value(&value).unwrap();
+        let again = Message::from_msgpack(message.msgpack()).unwrap();
+        assert_eq!(again.value(), value);
+        assert_eq!(
+            message.json(),
+            r#"{"type":"blob","data":{"$binary":"AJ+Slg=="},"f":1.5}"#
+        );
+        let from_json = Message::from_json(message.json().as_bytes()).unwrap();
+        assert_eq!(
+            from_json.value().as_map().unwrap()[1].1,
+            Value::Binary(vec![0, 159, 146, 150])
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        let cases: &[(&str, &str)] = &[
+            (r#"[1,2]"#, "must be a map"),
+            (r#"{"a":1}"#, "must have a \"type\""),
+            (r#"{"type":""}"#, "non-empty string"),
+            (r#"{"type":5}"#, "non-empty string"),
+            (r#"{"type":"x","__asgi_channel__":"y"}"#, "reserved key"),
+        ];
+        for (json, expected) in cases {
+            let err = Message::from_json(json.as_bytes()).unwrap_err();
+            assert!(matches!(err, MessageError::Invalid(_)), "{json}");
+            assert!(err.to_string().contains(expected), "{json}: {err}");
+        }
+        assert!(matches!(
+            Message::from_json(b"{\"type\":"),
+            Err(MessageError::Malformed(_))
+        ));
+        assert!(matches!(
+            Message::from_msgpack(&[0x81, 0xa4]),
+            Err(MessageError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn depth_limit_is_32_levels() {
+        let nest = |levels: usize| {
+            let mut json = String::from(r#"{"type":"deep","v":"#);
+            for _ in 0..levels - 2 {
+                json.push('[');
+            }
+            json.push('1');
+            for _ in 0..levels - 2 {
+                json.push(']');
+            }
+            json.push('}');
+            json
+        };
+        // The map is level 1, the value under "v" level 2, so this is exactly 32 levels.
+        Message::from_json(nest(32).as_bytes()).unwrap();
+        let err = Message::from_json(nest(33).as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("deeper than 32"), "{err}");
+        let err = Message::from_json(nest(5000).as_bytes()).unwrap_err();
+        assert!(matches!(err, MessageError::Invalid(_)), "{err}");
+
+        let mut deep = Vec::new();
+        deep.extend_from_slice(&[0x82, 0xa4, b't', b'y', b'p', b'e', 0xa1, b'x', 0xa1, b'v']);
+        deep.extend(std::iter::repeat_n(0x91, 100_000));
+        deep.push(0x01);
+        let err = Message::from_msgpack(&deep).unwrap_err();
+        assert!(err.to_string().contains("deeper than 32"), "{err}");
+    }
+}

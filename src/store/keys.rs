@@ -1,0 +1,132 @@
+//! Every key Herald writes, built in one place (format version 1).
+//!
+//! All data lives in one sled tree so that a batch of mixed writes is atomic. The first
+//! byte of a key says what it holds; integers are big-endian so that keys sort by them.
+//! Names never contain a NUL byte (the name rules forbid it), so NUL separates them.
+//!
+//! | key | value |
+//! |---|---|
+//! | `V` | format version, u32 |
+//! | `M` id | a message record ([`super::record`]) |
+//! | `G` group NUL channel | a membership: joined id, last add time |
+//! | `C` channel | receive cursor: every message of the channel with a lower or equal id was taken |
+//! | `R` id channel | the message `id` of a group belongs to `channel`, whatever the membership says |
+
+/// The format version this build writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+pub const VERSION: &[u8] = b"V";
+pub const MESSAGE: u8 = b'M';
+pub const MEMBERSHIP: u8 = b'G';
+pub const CURSOR: u8 = b'C';
+pub const REF: u8 = b'R';
+
+/// `M` id.
+pub fn message(id: u64) -> [u8; 9] {
+    let mut key = [MESSAGE; 9];
+    key[1..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// The id of an `M` key.
+pub fn message_id(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(1..9)?.try_into().ok()?))
+}
+
+/// `G` group NUL channel.
+pub fn membership(group: &str, channel: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + group.len() + channel.len());
+    key.push(MEMBERSHIP);
+    key.extend_from_slice(group.as_bytes());
+    key.push(0);
+    key.extend_from_slice(channel.as_bytes());
+    key
+}
+
+/// The group and channel of a `G` key.
+pub fn membership_parts(key: &[u8]) -> Option<(&str, &str)> {
+    let rest = key.get(1..)?;
+    let nul = rest.iter().position(|b| *b == 0)?;
+    Some((
+        std::str::from_utf8(&rest[..nul]).ok()?,
+        std::str::from_utf8(&rest[nul + 1..]).ok()?,
+    ))
+}
+
+/// `C` channel.
+pub fn cursor(channel: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + channel.len());
+    key.push(CURSOR);
+    key.extend_from_slice(channel.as_bytes());
+    key
+}
+
+/// The channel of a `C` key.
+pub fn cursor_channel(key: &[u8]) -> Option<&str> {
+    std::str::from_utf8(key.get(1..)?).ok()
+}
+
+/// `R` id channel.
+pub fn reference(id: u64, channel: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9 + channel.len());
+    key.push(REF);
+    key.extend_from_slice(&id.to_be_bytes());
+    key.extend_from_slice(channel.as_bytes());
+    key
+}
+
+/// The id and channel of an `R` key.
+pub fn reference_parts(key: &[u8]) -> Option<(u64, &str)> {
+    let id = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
+    Some((id, std::str::from_utf8(key.get(9..)?).ok()?))
+}
+
+/// The first key of the `R` range for ids at or above `id`.
+pub fn reference_from(id: u64) -> [u8; 9] {
+    let mut key = [REF; 9];
+    key[1..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// A u64 value.
+pub fn encode_u64(value: u64) -> [u8; 8] {
+    value.to_be_bytes()
+}
+
+/// Reads a u64 value.
+pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+/// A membership value: joined id and last add time in ms.
+pub fn encode_membership(joined_id: u64, last_add_ms: u64) -> [u8; 16] {
+    let mut value = [0; 16];
+    value[..8].copy_from_slice(&joined_id.to_be_bytes());
+    value[8..].copy_from_slice(&last_add_ms.to_be_bytes());
+    value
+}
+
+/// Reads a membership value.
+pub fn decode_membership(bytes: &[u8]) -> Option<(u64, u64)> {
+    Some((decode_u64(bytes)?, decode_u64(bytes.get(8..)?)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_sort_by_id() {
+        assert!(message(255) < message(256));
+        assert_eq!(message_id(&message(42)), Some(42));
+        assert_eq!(
+            membership_parts(&membership("g.1", "c!x")),
+            Some(("g.1", "c!x"))
+        );
+        assert_eq!(cursor_channel(&cursor("c")), Some("c"));
+        assert_eq!(reference_parts(&reference(7, "c")), Some((7, "c")));
+        assert!(reference_from(7).as_slice() <= reference(7, "a").as_slice());
+        assert!(reference(7, "zzz").as_slice() < reference_from(8).as_slice());
+        assert_eq!(decode_membership(&encode_membership(3, 4)), Some((3, 4)));
+    }
+}
