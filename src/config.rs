@@ -115,7 +115,10 @@ impl Settings {
             ("layer.expiry_secs", self.layer.expiry_secs),
             ("layer.group_expiry_secs", self.layer.group_expiry_secs),
             ("layer.capacity", self.layer.capacity as u64),
-            ("layer.max_message_bytes", self.layer.max_message_bytes as u64),
+            (
+                "layer.max_message_bytes",
+                self.layer.max_message_bytes as u64,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {

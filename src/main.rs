@@ -88,7 +88,9 @@ fn load(
 fn serve(settings: Settings) -> Result<(), String> {
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let layer = server::open_layer(&settings).await.map_err(|e| e.to_string())?;
+        let layer = server::open_layer(&settings)
+            .await
+            .map_err(|e| e.to_string())?;
         let listener = tokio::net::TcpListener::bind(settings.server.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", settings.server.listen))?;

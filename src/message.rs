@@ -140,7 +140,8 @@ impl Message {
 
     /// The JSON form, on one line; computed once and shared by every reader.
     pub fn json(&self) -> &str {
-        self.json.get_or_init(|| value_to_json(&self.value()).to_string())
+        self.json
+            .get_or_init(|| value_to_json(&self.value()).to_string())
     }
 
     /// The JSON form as a value.

@@ -50,7 +50,10 @@ pub async fn run(
     tracing::info!("shutting down: no new connections, ending streams");
     token.cancel();
     if tokio::time::timeout(timeout, server).await.is_err() {
-        tracing::warn!(?timeout, "connections still open at the shutdown timeout; closing them");
+        tracing::warn!(
+            ?timeout,
+            "connections still open at the shutdown timeout; closing them"
+        );
     }
     let _ = sweeper.await;
     match tokio::task::spawn_blocking(move || layer.flush_to_disk()).await {

@@ -31,7 +31,9 @@ impl BodyKind {
 /// The largest body read for a message of at most `max_message_bytes` (JSON and base64
 /// take more room than msgpack); the layer checks the exact encoded size after.
 pub fn body_limit(max_message_bytes: usize) -> usize {
-    max_message_bytes.saturating_mul(2).saturating_add(64 * 1024)
+    max_message_bytes
+        .saturating_mul(2)
+        .saturating_add(64 * 1024)
 }
 
 fn too_large(limit: usize) -> ApiError {
@@ -57,9 +59,8 @@ where
     }
     let mut out = BytesMut::with_capacity(content_length.unwrap_or(0).min(limit as u64) as usize);
     while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|_| {
-            ApiError::new(ErrorKind::InvalidBody, "the body could not be read")
-        })?;
+        let mut chunk = chunk
+            .map_err(|_| ApiError::new(ErrorKind::InvalidBody, "the body could not be read"))?;
         if out.len() + chunk.remaining() > limit {
             return Err(too_large(limit));
         }

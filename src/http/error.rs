@@ -2,10 +2,10 @@
 
 use std::convert::Infallible;
 
+use warp::Rejection;
 use warp::http::StatusCode;
 use warp::http::header::{HeaderValue, RETRY_AFTER};
 use warp::reply::Response;
-use warp::Rejection;
 
 use super::reply::{Doc, Format, respond};
 use crate::layer;

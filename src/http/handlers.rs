@@ -20,7 +20,11 @@ pub async fn send(
     api: Api,
 ) -> Result<Response, Rejection> {
     let _permit = api.admit()?;
-    let id = api.layer.send(&channel, message).await.map_err(ApiError::from)?;
+    let id = api
+        .layer
+        .send(&channel, message)
+        .await
+        .map_err(ApiError::from)?;
     Ok(respond(
         format,
         StatusCode::ACCEPTED,
@@ -195,8 +199,14 @@ mod tests {
     #[test]
     fn wait_parameter() {
         assert_eq!(parse_wait(None, 60).unwrap(), Duration::ZERO);
-        assert_eq!(parse_wait(Some("1.5"), 60).unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_wait(Some("999"), 60).unwrap(), Duration::from_secs(60));
+        assert_eq!(
+            parse_wait(Some("1.5"), 60).unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            parse_wait(Some("999"), 60).unwrap(),
+            Duration::from_secs(60)
+        );
         for bad in ["abc", "-1", "NaN", "inf", ""] {
             let err = parse_wait(Some(bad), 60).unwrap_err();
             assert_eq!(err.kind, ErrorKind::InvalidParameter, "{bad}");

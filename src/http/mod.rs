@@ -50,7 +50,10 @@ impl Api {
     /// `max_connections` or shutting down.
     fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
         if self.shutdown.is_cancelled() {
-            return Err(ApiError::new(ErrorKind::Unavailable, "the server is shutting down"));
+            return Err(ApiError::new(
+                ErrorKind::Unavailable,
+                "the server is shutting down",
+            ));
         }
         self.connections.clone().try_acquire_owned().map_err(|_| {
             ApiError::new(
@@ -73,7 +76,13 @@ fn query() -> impl Filter<Extract = (Query,), Error = std::convert::Infallible> 
     warp::query::raw()
         .or(warp::any().map(String::new))
         .unify()
-        .map(|raw: String| Query(form_urlencoded::parse(raw.as_bytes()).into_owned().collect()))
+        .map(|raw: String| {
+            Query(
+                form_urlencoded::parse(raw.as_bytes())
+                    .into_owned()
+                    .collect(),
+            )
+        })
 }
 
 /// Query parameters in order, repeated keys kept.
@@ -83,17 +92,25 @@ pub struct Query(Vec<(String, String)>);
 impl Query {
     /// The first value of `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Every value of `key`.
     pub fn all(&self, key: &str) -> Vec<String> {
-        self.0.iter().filter(|(k, _)| k == key).map(|(_, v)| v.clone()).collect()
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 }
 
 fn format() -> impl Filter<Extract = (Format,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("accept").map(|a: Option<String>| Format::from_accept(a.as_deref()))
+    warp::header::optional::<String>("accept")
+        .map(|a: Option<String>| Format::from_accept(a.as_deref()))
 }
 
 fn with_api(api: Api) -> impl Filter<Extract = (Api,), Error = std::convert::Infallible> + Clone {
@@ -107,14 +124,16 @@ fn message_body(
     warp::header::optional::<String>("content-type")
         .and(warp::header::optional::<u64>("content-length"))
         .and(warp::body::stream())
-        .and_then(move |content_type: Option<String>, length: Option<u64>, stream| {
-            let limit = body::body_limit(api.layer.max_message_bytes());
-            async move {
-                let bytes = body::read_limited(length, Box::pin(stream), limit).await?;
-                let kind = body::BodyKind::from_content_type(content_type.as_deref());
-                body::decode_message(kind, &bytes).map_err(warp::reject::custom)
-            }
-        })
+        .and_then(
+            move |content_type: Option<String>, length: Option<u64>, stream| {
+                let limit = body::body_limit(api.layer.max_message_bytes());
+                async move {
+                    let bytes = body::read_limited(length, Box::pin(stream), limit).await?;
+                    let kind = body::BodyKind::from_content_type(content_type.as_deref());
+                    body::decode_message(kind, &bytes).map_err(warp::reject::custom)
+                }
+            },
+        )
 }
 
 /// Every route of the API, with CORS when configured and errors mapped to JSON.
@@ -206,41 +225,36 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and(format())
         .and(with_api(api.clone()))
         .map(handlers::stats);
-    let health = warp::path!("healthz")
-        .and(warp::get())
-        .map(|| reply::respond(Format::Json, StatusCode::OK, reply::Doc::new().str("status", "ok")));
+    let health = warp::path!("healthz").and(warp::get()).map(|| {
+        reply::respond(
+            Format::Json,
+            StatusCode::OK,
+            reply::Doc::new().str("status", "ok"),
+        )
+    });
 
-    let all = send
-        .or(receive)
-        .unify()
-        .or(channel_events)
-        .unify()
-        .or(new_channel)
-        .unify()
-        .or(list_channels)
-        .unify()
-        .or(group_add)
-        .unify()
-        .or(group_discard)
-        .unify()
-        .or(members)
-        .unify()
-        .or(list_groups)
-        .unify()
-        .or(group_send)
-        .unify()
-        .or(group_events)
-        .unify()
-        .or(multi_events)
-        .unify()
-        .or(websocket)
-        .unify()
-        .or(flush)
-        .unify()
-        .or(stats)
-        .unify()
-        .or(health)
-        .unify();
+    // Each route is boxed before joining, which keeps the filter types (and build times) small.
+    let all = [
+        send.boxed(),
+        receive.boxed(),
+        channel_events.boxed(),
+        new_channel.boxed(),
+        list_channels.boxed(),
+        group_add.boxed(),
+        group_discard.boxed(),
+        members.boxed(),
+        list_groups.boxed(),
+        group_send.boxed(),
+        group_events.boxed(),
+        multi_events.boxed(),
+        websocket.boxed(),
+        flush.boxed(),
+        stats.boxed(),
+        health.boxed(),
+    ]
+    .into_iter()
+    .reduce(|a, b| a.or(b).unify().boxed())
+    .expect("there are routes");
 
     let origins = &api.settings.cors_origins;
     if origins.is_empty() {

@@ -180,9 +180,10 @@ fn push_json_str(out: &mut String, s: &str) {
 pub fn respond(format: Format, status: StatusCode, doc: Doc) -> Response {
     let mut response = Response::new(doc.encode(format).into());
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
     response
 }
 
@@ -212,6 +213,9 @@ mod tests {
         );
         let value = rmpv::decode::read_value(&mut &doc.to_msgpack()[..]).unwrap();
         let as_json = value_to_json(&value);
-        assert_eq!(as_json, serde_json::from_str::<serde_json::Value>(&json).unwrap());
+        assert_eq!(
+            as_json,
+            serde_json::from_str::<serde_json::Value>(&json).unwrap()
+        );
     }
 }

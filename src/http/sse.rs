@@ -29,7 +29,11 @@ pub fn last_event_id() -> impl Filter<Extract = (Option<String>,), Error = Rejec
 
 /// The id to resume after: the header, else `?last_event_id=`.
 fn resume_after(header: Option<String>, query: Option<&Query>) -> Result<Option<u64>, ApiError> {
-    let raw = header.or_else(|| query.and_then(|q| q.get("last_event_id")).map(str::to_string));
+    let raw = header.or_else(|| {
+        query
+            .and_then(|q| q.get("last_event_id"))
+            .map(str::to_string)
+    });
     match raw.as_deref().map(str::trim) {
         None | Some("") => Ok(None),
         Some(raw) => raw.parse().map(Some).map_err(|_| {
@@ -44,16 +48,23 @@ fn resume_after(header: Option<String>, query: Option<&Query>) -> Result<Option<
 fn event(push: Push) -> Result<Event, Infallible> {
     Ok(match push {
         Push::Message { id, message } => Event::default().id(id.to_string()).data(message.json()),
-        Push::Gap(gap) => Event::default()
-            .event("herald.gap")
-            .data(Doc::new().id("after", gap.after).id("next", gap.next).to_json()),
+        Push::Gap(gap) => Event::default().event("herald.gap").data(
+            Doc::new()
+                .id("after", gap.after)
+                .id("next", gap.next)
+                .to_json(),
+        ),
     })
 }
 
 /// A stream that tells the browser to come back later, then ends.
 fn retry_later() -> Response {
     let stream = futures_util::stream::once(async {
-        Ok::<_, Infallible>(Event::default().retry(RETRY_WHEN_FULL).comment(" server busy"))
+        Ok::<_, Infallible>(
+            Event::default()
+                .retry(RETRY_WHEN_FULL)
+                .comment(" server busy"),
+        )
     });
     warp::sse::reply(stream).into_response()
 }
@@ -105,7 +116,9 @@ pub async fn multi_group_events(
 ) -> Result<Response, Rejection> {
     let groups = query.all("group");
     if groups.is_empty() {
-        return Err(ApiError::new(ErrorKind::InvalidParameter, "at least one group= is needed").into());
+        return Err(
+            ApiError::new(ErrorKind::InvalidParameter, "at least one group= is needed").into(),
+        );
     }
     joined_stream(groups, last_event_id, query, api).await
 }
@@ -133,7 +146,10 @@ async fn joined_stream(
         None => (api.layer.new_channel("sse").map_err(ApiError::from)?, true),
     };
     for group in &groups {
-        api.layer.group_add(group, &channel).await.map_err(ApiError::from)?;
+        api.layer
+            .group_add(group, &channel)
+            .await
+            .map_err(ApiError::from)?;
     }
     let spec = Spec {
         channel,

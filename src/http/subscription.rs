@@ -113,11 +113,14 @@ pub async fn start(
             drop(permit);
         }
     });
-    api.streams.insert(&channel, Running {
-        id,
-        stop: stop.clone(),
-        task,
-    });
+    api.streams.insert(
+        &channel,
+        Running {
+            id,
+            stop: stop.clone(),
+            task,
+        },
+    );
     (rx, stop)
 }
 
@@ -133,12 +136,15 @@ async fn run(api: &Api, spec: &Spec, tx: mpsc::Sender<Push>, stop: &Cancellation
                 return;
             }
         };
-        let pushes = replay.gap.map(Push::Gap).into_iter().chain(
-            replay.deliveries.into_iter().map(|d| Push::Message {
-                id: d.id,
-                message: d.message,
-            }),
-        );
+        let pushes =
+            replay
+                .gap
+                .map(Push::Gap)
+                .into_iter()
+                .chain(replay.deliveries.into_iter().map(|d| Push::Message {
+                    id: d.id,
+                    message: d.message,
+                }));
         for push in pushes {
             if let Push::Message { id, .. } = &push {
                 last = Some(*id);
@@ -149,8 +155,10 @@ async fn run(api: &Api, spec: &Spec, tx: mpsc::Sender<Push>, stop: &Cancellation
             permit.send(push);
         }
     }
-    let refresh_every = (layer.group_expiry() / 3).clamp(Duration::from_secs(1), Duration::from_secs(300));
-    let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
+    let refresh_every =
+        (layer.group_expiry() / 3).clamp(Duration::from_secs(1), Duration::from_secs(300));
+    let mut refresh =
+        tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
     loop {
         let Some(permit) = reserve(&tx, slow, stop).await else {
             return;

@@ -18,12 +18,12 @@ use warp::filters::ws::{Message as Frame, WebSocket, Ws};
 use warp::reply::Response;
 use warp::{Rejection, Reply};
 
+use super::Api;
 use super::body::body_limit;
 use super::error::{ApiError, ErrorKind};
 use super::handlers::parse_wait;
 use super::reply::{Doc, Field, Format};
 use super::subscription::{self, Push, Spec};
-use super::Api;
 use crate::message::{Message, json_to_value};
 
 /// Frames waiting to be written to one socket.
@@ -82,7 +82,10 @@ impl Request {
             }
             Ok(_) => Err((
                 format,
-                ApiError::new(ErrorKind::InvalidBody, "a request must be a map with an \"op\""),
+                ApiError::new(
+                    ErrorKind::InvalidBody,
+                    "a request must be a map with an \"op\"",
+                ),
             )),
             Err(e) => Err((format, ApiError::new(ErrorKind::InvalidBody, e))),
         })
@@ -127,9 +130,9 @@ impl Request {
     }
 
     fn message(&self) -> Result<Message, ApiError> {
-        let value = self.get("message").ok_or_else(|| {
-            ApiError::new(ErrorKind::InvalidMessage, "\"message\" is missing")
-        })?;
+        let value = self
+            .get("message")
+            .ok_or_else(|| ApiError::new(ErrorKind::InvalidMessage, "\"message\" is missing"))?;
         Ok(Message::from_value(value)?)
     }
 
@@ -245,7 +248,9 @@ impl Connection {
                 self.reply(request, request.reply("ok").id("id", id)).await;
             }
             "group_send" => {
-                let report = layer.group_send(request.str("group")?, request.message()?).await?;
+                let report = layer
+                    .group_send(request.str("group")?, request.message()?)
+                    .await?;
                 let doc = request
                     .reply("ok")
                     .count("delivered", report.delivered)
@@ -253,16 +258,22 @@ impl Connection {
                 self.reply(request, doc).await;
             }
             "group_add" => {
-                layer.group_add(request.str("group")?, request.str("channel")?).await?;
+                layer
+                    .group_add(request.str("group")?, request.str("channel")?)
+                    .await?;
                 self.reply(request, request.reply("ok")).await;
             }
             "group_discard" => {
-                layer.group_discard(request.str("group")?, request.str("channel")?).await?;
+                layer
+                    .group_discard(request.str("group")?, request.str("channel")?)
+                    .await?;
                 self.reply(request, request.reply("ok")).await;
             }
             "new_channel" => {
-                let name = layer.new_channel(request.optional_str("prefix")?.unwrap_or("specific"))?;
-                self.reply(request, request.reply("ok").str("channel", &name)).await;
+                let name =
+                    layer.new_channel(request.optional_str("prefix")?.unwrap_or("specific"))?;
+                self.reply(request, request.reply("ok").str("channel", &name))
+                    .await;
             }
             "receive" => self.receive(request)?,
             "subscribe" => self.subscribe(request).await?,
@@ -289,7 +300,9 @@ impl Connection {
         crate::layer::names::check_channel(&channel)?;
         let wait = match request.get("wait") {
             None | Some(Value::Nil) => Duration::ZERO,
-            Some(Value::Integer(i)) => parse_wait(Some(&i.to_string()), self.api.settings.max_wait_secs)?,
+            Some(Value::Integer(i)) => {
+                parse_wait(Some(&i.to_string()), self.api.settings.max_wait_secs)?
+            }
             Some(Value::F32(_) | Value::F64(_)) => {
                 let secs = request.get("wait").and_then(Value::as_f64).unwrap_or(-1.0);
                 parse_wait(Some(&secs.to_string()), self.api.settings.max_wait_secs)?
@@ -325,7 +338,9 @@ impl Connection {
                 Ok(None) => reply_doc("timeout", reference.as_ref()),
                 Err(e) => {
                     let error = ApiError::from(e);
-                    let _ = outbox.send(error_frame(format, reference.as_ref(), &error)).await;
+                    let _ = outbox
+                        .send(error_frame(format, reference.as_ref(), &error))
+                        .await;
                     return;
                 }
             };

@@ -304,7 +304,11 @@ impl ChannelLayer {
 
     /// Puts a copy of `message` into every current member's queue, with one durable
     /// write. Full members are skipped and counted, never an error.
-    pub async fn group_send(&self, group: &str, message: Message) -> Result<GroupSendReport, Error> {
+    pub async fn group_send(
+        &self,
+        group: &str,
+        message: Message,
+    ) -> Result<GroupSendReport, Error> {
         names::check_group(group)?;
         let inner = &*self.inner;
         inner.check_size(&message)?;
@@ -363,7 +367,11 @@ impl ChannelLayer {
     /// A fresh, unique, valid channel name: `{prefix}.{random}!{random}`.
     pub fn new_channel(&self, prefix: &str) -> Result<String, Error> {
         const RANDOM_LEN: usize = 12;
-        let prefix = if prefix.is_empty() { "specific" } else { prefix };
+        let prefix = if prefix.is_empty() {
+            "specific"
+        } else {
+            prefix
+        };
         if prefix.contains('!') {
             return Err(Error::InvalidName(
                 "channel prefix must not contain '!'".to_string(),
@@ -398,7 +406,10 @@ impl ChannelLayer {
                 return Ok(());
             };
             let mut batch = sled::Batch::default();
-            batch.insert(keys::cursor(channel).as_slice(), keys::encode_u64(last).as_slice());
+            batch.insert(
+                keys::cursor(channel).as_slice(),
+                keys::encode_u64(last).as_slice(),
+            );
             for entry in ch.queue.iter().chain(ch.delivered.iter()) {
                 batch.remove(keys::reference(entry.id, channel));
             }
@@ -645,7 +656,13 @@ impl Inner {
 
     /// Adds reference keys so that the group's messages the channel holds stay its own
     /// after the membership ends (also across a restart).
-    fn pin_group_messages(&self, state: &State, group: &str, channel: &str, batch: &mut sled::Batch) {
+    fn pin_group_messages(
+        &self,
+        state: &State,
+        group: &str,
+        channel: &str,
+        batch: &mut sled::Batch,
+    ) {
         let Some(ch) = state.channels.get(channel) else {
             return;
         };
@@ -714,7 +731,10 @@ impl Inner {
             if in_batch == 0 {
                 return Ok(deleted);
             }
-            for item in self.store.range(&keys::reference_from(0), &keys::reference_from(upto)) {
+            for item in self
+                .store
+                .range(&keys::reference_from(0), &keys::reference_from(upto))
+            {
                 batch.remove(item?.0);
             }
             for item in self.store.scan(&[keys::CURSOR]) {
@@ -742,7 +762,8 @@ impl Inner {
         let mut state = State::default();
         for item in self.store.scan(&[keys::MEMBERSHIP]) {
             let (key, value) = item?;
-            let (group, channel) = keys::membership_parts(&key).ok_or_else(|| corrupt("membership"))?;
+            let (group, channel) =
+                keys::membership_parts(&key).ok_or_else(|| corrupt("membership"))?;
             let (joined_id, last_add_ms) =
                 keys::decode_membership(&value).ok_or_else(|| corrupt("membership"))?;
             state.groups.entry(group.to_string()).or_default().insert(

@@ -67,7 +67,14 @@ mod tests {
 
     #[test]
     fn channel_names() {
-        for ok in ["a", "chat.room-1_x", "specific.abc!def", "x!", "a.b!", &"a".repeat(99)] {
+        for ok in [
+            "a",
+            "chat.room-1_x",
+            "specific.abc!def",
+            "x!",
+            "a.b!",
+            &"a".repeat(99),
+        ] {
             check_channel(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         for bad in [
@@ -95,6 +102,11 @@ mod tests {
             let err = check_group(bad).unwrap_err().to_string();
             assert!(err.contains("group name"), "{bad:?}: {err}");
         }
-        assert!(check_group(&"g".repeat(100)).unwrap_err().to_string().contains("99"));
+        assert!(
+            check_group(&"g".repeat(100))
+                .unwrap_err()
+                .to_string()
+                .contains("99")
+        );
     }
 }

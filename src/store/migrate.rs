@@ -67,7 +67,12 @@ pub(super) fn check_and_upgrade(db: &sled::Db, path: &Path) -> Result<(), StoreE
         });
     }
     for step in MIGRATIONS.iter().filter(|m| m.to > found) {
-        tracing::info!(from = step.to - 1, to = step.to, what = step.describe, "upgrading data directory");
+        tracing::info!(
+            from = step.to - 1,
+            to = step.to,
+            what = step.describe,
+            "upgrading data directory"
+        );
         (step.run)(db)?;
         db.insert(VERSION, &step.to.to_be_bytes())?;
         db.flush()?;

@@ -332,13 +332,14 @@ mod tests {
     async fn commit_waits_for_flush_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path(), Durability::Sync, Duration::from_millis(500))
+            let store =
+                Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
+            let ticket = store
+                .insert(&keys::cursor("a"), &keys::encode_u64(5))
                 .unwrap();
-            let ticket = store.insert(&keys::cursor("a"), &keys::encode_u64(5)).unwrap();
             store.commit(ticket).await.unwrap();
         }
-        let store =
-            Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
+        let store = Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
         let value = store.get(&keys::cursor("a")).unwrap().unwrap();
         assert_eq!(keys::decode_u64(&value), Some(5));
     }
@@ -346,8 +347,7 @@ mod tests {
     #[test]
     fn second_open_is_refused_with_the_path() {
         let dir = tempfile::tempdir().unwrap();
-        let _first =
-            Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
+        let _first = Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
         let err = Store::open(dir.path(), Durability::Sync, Duration::from_millis(500))
             .err()
             .expect("second open must fail");
@@ -363,8 +363,7 @@ mod tests {
                 Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
             (0..10).map(|_| store.next_id().unwrap()).max().unwrap()
         };
-        let store =
-            Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
+        let store = Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
         assert!(store.next_id().unwrap() > first);
     }
 }
