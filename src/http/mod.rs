@@ -159,6 +159,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .map(segment)
         .and(warp::get())
         .and(sse::last_event_id())
+        .and(query())
         .and(with_api(api.clone()))
         .and_then(sse::channel_events);
     let new_channel = warp::path!("v1" / "channels")

@@ -83,15 +83,17 @@ async fn stream(api: Api, spec: Spec, permit: OwnedSemaphorePermit) -> Result<Re
 pub async fn channel_events(
     channel: String,
     last_event_id: Option<String>,
+    query: Query,
     api: Api,
 ) -> Result<Response, Rejection> {
     names::check_channel(&channel).map_err(ApiError::from)?;
+    let last_event_id = resume_after(last_event_id, Some(&query))?;
     let Ok(permit) = api.admit() else {
         return Ok(retry_later());
     };
     let spec = Spec {
         channel,
-        last_event_id: resume_after(last_event_id, None)?,
+        last_event_id,
         groups: Vec::new(),
         ephemeral: false,
     };

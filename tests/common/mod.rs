@@ -685,14 +685,8 @@ impl Sse {
     pub async fn event(&mut self) -> SseEvent {
         match self.next_event_within(T).await {
             Ok(Some(e)) => e,
-            Ok(None) => panic!(
-                "the SSE stream ended; raw: {:?}",
-                String::from_utf8_lossy(&self.raw)
-            ),
-            Err(()) => panic!(
-                "no SSE event within {T:?}; raw: {:?}",
-                String::from_utf8_lossy(&self.raw)
-            ),
+            Ok(None) => panic!("the SSE stream ended; raw tail: {:?}", self.raw_tail()),
+            Err(()) => panic!("no SSE event within {T:?}; raw tail: {:?}", self.raw_tail()),
         }
     }
 
@@ -726,6 +720,12 @@ impl Sse {
                 Err(()) => return Err(items),
             }
         }
+    }
+
+    /// The last 1,000 bytes received, for failure messages.
+    pub fn raw_tail(&self) -> String {
+        let start = self.raw.len().saturating_sub(1000);
+        String::from_utf8_lossy(&self.raw[start..]).into_owned()
     }
 
     /// Drops the connection (the client goes away).
