@@ -55,15 +55,26 @@ struct Request {
 
 impl Request {
     fn decode(frame: &Frame) -> Option<Result<Request, (Format, ApiError)>> {
+        let malformed = |e: String| ApiError::new(ErrorKind::InvalidBody, e);
         let (format, parsed) = if frame.is_text() {
             let parsed = serde_json::from_slice::<serde_json::Value>(frame.as_bytes())
-                .map_err(|e| format!("malformed JSON: {e}"))
-                .and_then(|json| json_to_value(&json, 0).map_err(|e| e.to_string()));
+                .map_err(|e| malformed(format!("malformed JSON: {e}")))
+                // The frame is one level above its message: start at depth 0.
+                .and_then(|json| json_to_value(&json, 0).map_err(ApiError::from));
             (Format::Json, parsed)
         } else if frame.is_binary() {
             let mut bytes = frame.as_bytes();
-            let parsed = rmpv::decode::read_value_with_max_depth(&mut bytes, 80)
-                .map_err(|e| format!("malformed msgpack: {e}"));
+            let parsed = match rmpv::decode::read_value_with_max_depth(&mut bytes, 80) {
+                Ok(_) if !bytes.is_empty() => Err(malformed(
+                    "malformed msgpack: trailing bytes after the request".into(),
+                )),
+                Ok(value) => Ok(value),
+                Err(rmpv::decode::Error::DepthLimitExceeded) => Err(ApiError::new(
+                    ErrorKind::InvalidMessage,
+                    "the request nests too deeply",
+                )),
+                Err(e) => Err(malformed(format!("malformed msgpack: {e}"))),
+            };
             (Format::Msgpack, parsed)
         } else {
             return None;
@@ -87,7 +98,7 @@ impl Request {
                     "a request must be a map with an \"op\"",
                 ),
             )),
-            Err(e) => Err((format, ApiError::new(ErrorKind::InvalidBody, e))),
+            Err(e) => Err((format, e)),
         })
     }
 
@@ -170,6 +181,8 @@ struct Connection {
     outbox: mpsc::Sender<Frame>,
     subscriptions: HashMap<String, CancellationToken>,
     receives: Arc<tokio::sync::Semaphore>,
+    /// Cancelled when the client's side ends, so waiting receives stop taking messages.
+    closed: CancellationToken,
 }
 
 async fn serve(api: Api, socket: WebSocket, permit: OwnedSemaphorePermit) {
@@ -189,6 +202,7 @@ async fn serve(api: Api, socket: WebSocket, permit: OwnedSemaphorePermit) {
         outbox,
         subscriptions: HashMap::new(),
         receives: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_RECEIVES)),
+        closed: CancellationToken::new(),
     };
     loop {
         let next = tokio::select! {
@@ -225,6 +239,7 @@ async fn serve(api: Api, socket: WebSocket, permit: OwnedSemaphorePermit) {
             },
         }
     }
+    conn.closed.cancel();
     for stop in conn.subscriptions.values() {
         stop.cancel();
     }
@@ -324,10 +339,11 @@ impl Connection {
         let outbox = self.outbox.clone();
         let format = request.format;
         let reference = request.reference.clone();
+        let closed = self.closed.clone();
         tokio::spawn(async move {
             let received = tokio::select! {
                 received = api.layer.receive(&channel, wait) => received,
-                _ = outbox.closed() => return,
+                _ = closed.cancelled() => return,
                 _ = api.shutdown.cancelled() => Ok(None),
             };
             let doc = match received {
