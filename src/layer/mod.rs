@@ -208,7 +208,7 @@ impl ChannelLayer {
         let mut guard = {
             let mut state = inner.state.lock();
             let ch = state.channel(channel, &inner.rules, inner.replay_capacity);
-            if let Some(delivery) = inner.take(channel, ch)? {
+            if let Some(delivery) = inner.take(ch) {
                 return Ok(Some(delivery));
             }
             if wait.is_zero() {
@@ -414,6 +414,7 @@ impl ChannelLayer {
                 batch.remove(keys::reference(entry.id, channel));
             }
             let ticket = inner.store.apply(batch)?;
+            ch.restore_cursor(last);
             ch.lost_upto = ch.lost_upto.max(last);
             ch.queue.clear();
             ch.delivered.clear();
@@ -569,6 +570,8 @@ impl ChannelLayer {
 
     /// Writes everything to disk now (for shutdown).
     pub fn flush_to_disk(&self) -> Result<(), Error> {
+        self.inner
+            .write_cursors(&mut self.inner.state.lock(), true)?;
         Ok(self.inner.store.flush_blocking()?)
     }
 
@@ -633,25 +636,43 @@ impl Inner {
         Ok(())
     }
 
-    /// Takes the oldest pending message not reserved for a woken waiter, recording the
-    /// channel's cursor (lazily durable).
-    fn take(&self, channel: &str, ch: &mut Channel) -> Result<Option<Delivery>, Error> {
+    /// Takes the oldest pending message not reserved for a woken waiter. The cursor
+    /// reaches the store later (see [`Inner::write_cursors`]).
+    fn take(&self, ch: &mut Channel) -> Option<Delivery> {
         ch.drop_expired(self.clock.now_ms());
         if ch.queue.len() <= ch.reserved {
-            return Ok(None);
+            return None;
         }
         let entry = ch.queue.pop_front().expect("queue is longer than reserved");
-        if let Err(e) = self
-            .store
-            .insert(&keys::cursor(channel), &keys::encode_u64(entry.id))
-        {
-            ch.queue.push_front(entry);
-            ch.wake();
-            return Err(e.into());
-        }
+        ch.taken_upto = entry.id;
         let taken = delivery(&entry);
         ch.remember(entry);
-        Ok(Some(taken))
+        Some(taken)
+    }
+
+    /// Writes receive cursors. `all`: every cursor as it is now (shutdown). Otherwise
+    /// (each sweep) the cursors as they were at the previous sweep, so that a message
+    /// counts as taken on disk one to two sweep intervals after it was handed out: a
+    /// crash in between delivers it again rather than losing it with its answer.
+    fn write_cursors(&self, state: &mut State, all: bool) -> Result<(), Error> {
+        let mut batch = sled::Batch::default();
+        let mut any = false;
+        for (name, ch) in &mut state.channels {
+            let target = if all { ch.taken_upto } else { ch.cursor_staged };
+            if target > ch.cursor_on_disk {
+                batch.insert(
+                    keys::cursor(name).as_slice(),
+                    keys::encode_u64(target).as_slice(),
+                );
+                ch.cursor_on_disk = target;
+                any = true;
+            }
+            ch.cursor_staged = ch.taken_upto;
+        }
+        if any {
+            self.store.apply(batch)?;
+        }
+        Ok(())
     }
 
     /// Adds reference keys so that the group's messages the channel holds stay its own
@@ -680,6 +701,7 @@ impl Inner {
         for ch in state.channels.values_mut() {
             ch.drop_expired(now);
         }
+        self.write_cursors(state, false)?;
         let mut batch = sled::Batch::default();
         let mut lapsed = Vec::new();
         for (group, members) in &state.groups {
@@ -831,11 +853,24 @@ impl Inner {
                 }
             }
         }
-        for ch in state.channels.values_mut() {
+        for (name, ch) in state.channels.iter_mut() {
+            if let Some(cursor) = cursors.get(name) {
+                ch.restore_cursor(*cursor);
+            }
             ch.drop_expired(now);
         }
         state.channels.retain(|_, ch| !ch.is_idle());
         Ok(state)
+    }
+}
+
+impl Drop for Inner {
+    /// Writes every receive cursor, so that a clean close redelivers nothing.
+    fn drop(&mut self) {
+        let mut state = std::mem::take(self.state.get_mut());
+        if let Err(e) = self.write_cursors(&mut state, true) {
+            tracing::error!(error = %e, "could not write receive cursors at close");
+        }
     }
 }
 
@@ -859,18 +894,18 @@ impl WaitGuard<'_> {
             if was_woken {
                 ch.reserved -= 1;
             }
-            match inner.take(self.channel, ch) {
-                Ok(None) => {
+            match inner.take(ch) {
+                None => {
                     // The message expired first: wait again, still first in line.
                     let (wake, woken) = oneshot::channel();
                     ch.waiters.push_front(Waiter { id: self.id, wake });
                     self.woken = woken;
                     ch.wake();
                 }
-                result => {
+                Some(delivery) => {
                     self.done = true;
                     ch.wake();
-                    return result;
+                    return Ok(Some(delivery));
                 }
             }
         }

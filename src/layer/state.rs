@@ -45,6 +45,13 @@ pub(super) struct Channel {
     /// replay (expired, or pushed out of the replay log): resuming after an earlier id
     /// may have missed it.
     pub lost_upto: u64,
+    /// Receive cursor: the highest id taken off the queue.
+    pub taken_upto: u64,
+    /// The cursor as last written to the store.
+    pub cursor_on_disk: u64,
+    /// The cursor as it was at the previous sweep: written at the next one, so that a
+    /// message is marked taken on disk only after its answer has long gone out.
+    pub cursor_staged: u64,
 }
 
 impl Channel {
@@ -59,6 +66,9 @@ impl Channel {
             waiters: VecDeque::new(),
             reserved: 0,
             lost_upto: 0,
+            taken_upto: 0,
+            cursor_on_disk: 0,
+            cursor_staged: 0,
         }
     }
 
@@ -112,9 +122,17 @@ impl Channel {
         }
     }
 
-    /// Nothing in it and nobody waiting: it can be forgotten.
+    /// Sets the cursor read back from the store.
+    pub fn restore_cursor(&mut self, cursor: u64) {
+        self.taken_upto = cursor;
+        self.cursor_on_disk = cursor;
+        self.cursor_staged = cursor;
+    }
+
+    /// Nothing in it, nobody waiting, cursor on disk: it can be forgotten.
     pub fn is_idle(&self) -> bool {
-        self.queue.is_empty()
+        self.taken_upto == self.cursor_on_disk
+            && self.queue.is_empty()
             && self.delivered.is_empty()
             && self.waiters.is_empty()
             && self.reserved == 0
