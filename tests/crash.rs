@@ -1,0 +1,570 @@
+//! Crash safety of the real binary: concurrent publishers (HTTP and WebSocket sends,
+//! group_sends, group_adds) and consumers (long-poll, SSE with resume, WebSocket
+//! receive) while the server is killed with SIGKILL at random, seeded moments and
+//! restarted. At the end every channel is drained and the record is checked.
+//!
+//! `HERALD_CRASH_SEED` replays a run; `HERALD_CRASH_CYCLES` sets the number of kills
+//! (20 by default; `make soak` runs many more).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Server, Sse, Workdir, Ws, WsIn, client};
+use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value as Json, json};
+use tokio_util::sync::CancellationToken;
+
+const GROUP: &str = "crash.g";
+const MEMBERS: [&str; 3] = ["crash.m0", "crash.m1", "crash.m2"];
+const ADDS_GROUP: &str = "crash.adds";
+const HTTP_CHANNELS: [&str; 2] = ["crash.c0", "crash.c1"];
+const WS_CHANNEL: &str = "crash.w";
+
+/// Everything that happened, as the clients saw it.
+#[derive(Default)]
+struct Record {
+    /// Keys of every message a publisher tried to send.
+    attempted: HashSet<String>,
+    /// Acknowledged messages: channel → (key, when acknowledged, cycle).
+    acked: BTreeMap<String, Vec<(String, Instant, usize)>>,
+    /// Deliveries in the order each consumer saw them: channel → (key, cycle).
+    delivered: BTreeMap<String, Vec<(String, usize)>>,
+    /// Acknowledged group_adds to `ADDS_GROUP`: (channel, when, cycle).
+    adds: Vec<(String, Instant, usize)>,
+    /// When each cycle's kill happened.
+    kills: Vec<Instant>,
+}
+
+type Shared = Arc<Mutex<Record>>;
+
+fn message(key: &str) -> Json {
+    json!({"type": "crash", "k": key})
+}
+
+fn key_of(message: &Json) -> String {
+    message["k"]
+        .as_str()
+        .expect("a crash-test message")
+        .to_string()
+}
+
+/// `publisher:seq` → (publisher, seq).
+fn split_key(key: &str) -> (&str, u64) {
+    let (publisher, seq) = key.rsplit_once(':').unwrap();
+    (publisher, seq.parse().unwrap())
+}
+
+fn seed() -> u64 {
+    std::env::var("HERALD_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+}
+
+fn cycles() -> usize {
+    std::env::var("HERALD_CRASH_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20)
+}
+
+/// Publishes to `channel` over HTTP until stopped.
+async fn http_publisher(
+    base: String,
+    name: String,
+    channel: &'static str,
+    cycle: usize,
+    seq: Arc<Mutex<u64>>,
+    rec: Shared,
+    stop: CancellationToken,
+) {
+    let http = client();
+    while !stop.is_cancelled() {
+        let key = {
+            let mut n = seq.lock();
+            *n += 1;
+            format!("{name}:{n}")
+        };
+        rec.lock().attempted.insert(key.clone());
+        let sent = http
+            .post(format!("{base}/v1/channels/{channel}/messages"))
+            .json(&message(&key))
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().as_u16() == 202 => {
+                rec.lock().acked.entry(channel.into()).or_default().push((
+                    key,
+                    Instant::now(),
+                    cycle,
+                ));
+            }
+            Ok(r) => panic!("send answered {}", r.status()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// group_sends to `GROUP` over HTTP until stopped.
+async fn group_publisher(
+    base: String,
+    cycle: usize,
+    seq: Arc<Mutex<u64>>,
+    rec: Shared,
+    stop: CancellationToken,
+) {
+    let http = client();
+    while !stop.is_cancelled() {
+        let key = {
+            let mut n = seq.lock();
+            *n += 1;
+            format!("group:{n}")
+        };
+        rec.lock().attempted.insert(key.clone());
+        let sent = http
+            .post(format!("{base}/v1/groups/{GROUP}/messages"))
+            .json(&message(&key))
+            .send()
+            .await;
+        let Ok(r) = sent else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
+        assert_eq!(r.status().as_u16(), 202);
+        let Ok(body) = r.json::<Json>().await else {
+            continue;
+        };
+        assert_eq!(body["delivered"], 3, "{body}");
+        let now = Instant::now();
+        let mut rec = rec.lock();
+        for member in MEMBERS {
+            rec.acked
+                .entry(member.into())
+                .or_default()
+                .push((key.clone(), now, cycle));
+        }
+    }
+}
+
+/// Adds fresh channels to `ADDS_GROUP` until stopped.
+async fn adder(base: String, cycle: usize, rec: Shared, stop: CancellationToken) {
+    let http = client();
+    let mut n = 0;
+    while !stop.is_cancelled() {
+        n += 1;
+        let channel = format!("crash.a{cycle}.{n}");
+        let added = http
+            .put(format!("{base}/v1/groups/{ADDS_GROUP}/channels/{channel}"))
+            .send()
+            .await;
+        match added {
+            Ok(r) if r.status().as_u16() == 204 => {
+                rec.lock().adds.push((channel, Instant::now(), cycle))
+            }
+            Ok(r) => panic!("group_add answered {}", r.status()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// Sends to `WS_CHANNEL` over one WebSocket until stopped or disconnected.
+async fn ws_publisher(
+    server_ws: String,
+    cycle: usize,
+    seq: Arc<Mutex<u64>>,
+    rec: Shared,
+    stop: CancellationToken,
+) {
+    let mut ws = Ws::connect_url(&server_ws).await;
+    while !stop.is_cancelled() {
+        let key = {
+            let mut n = seq.lock();
+            *n += 1;
+            format!("ws:{n}")
+        };
+        rec.lock().attempted.insert(key.clone());
+        if !ws_send(
+            &mut ws,
+            json!({"op": "send", "channel": WS_CHANNEL, "message": message(&key)}),
+        )
+        .await
+        {
+            return;
+        }
+        match ws.next_within(Duration::from_secs(5)).await {
+            Ok(WsIn::Json(reply)) if reply["op"] == "ok" => {
+                rec.lock()
+                    .acked
+                    .entry(WS_CHANNEL.into())
+                    .or_default()
+                    .push((key, Instant::now(), cycle));
+            }
+            Ok(WsIn::Json(reply)) => panic!("send answered {reply}"),
+            _ => return,
+        }
+    }
+}
+
+/// Sends a request frame; false once the connection is gone.
+async fn ws_send(ws: &mut Ws, request: Json) -> bool {
+    use futures_util::SinkExt;
+    let frame = tokio_tungstenite::tungstenite::Message::text(request.to_string());
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), ws.stream.send(frame)).await,
+        Ok(Ok(()))
+    )
+}
+
+fn delivered(rec: &Shared, channel: &str, message: &Json, cycle: usize) {
+    rec.lock()
+        .delivered
+        .entry(channel.into())
+        .or_default()
+        .push((key_of(message), cycle));
+}
+
+/// Long-polls `channel` until stopped or the server is gone.
+async fn long_poller(
+    base: String,
+    channel: &'static str,
+    cycle: usize,
+    rec: Shared,
+    stop: CancellationToken,
+) {
+    let http = client();
+    while !stop.is_cancelled() {
+        let got = http
+            .get(format!("{base}/v1/channels/{channel}/messages?wait=0.5"))
+            .send()
+            .await;
+        let Ok(r) = got else { return };
+        if r.status().as_u16() == 200 {
+            let Ok(body) = r.json::<Json>().await else {
+                return;
+            };
+            delivered(&rec, channel, &body["message"], cycle);
+        }
+    }
+}
+
+/// Receives `WS_CHANNEL` over a WebSocket until stopped or disconnected.
+async fn ws_receiver(server_ws: String, cycle: usize, rec: Shared, stop: CancellationToken) {
+    let mut ws = Ws::connect_url(&server_ws).await;
+    while !stop.is_cancelled() {
+        if !ws_send(
+            &mut ws,
+            json!({"op": "receive", "channel": WS_CHANNEL, "wait": 0.5}),
+        )
+        .await
+        {
+            return;
+        }
+        match ws.next_within(Duration::from_secs(5)).await {
+            Ok(WsIn::Json(reply)) if reply["op"] == "message" => {
+                delivered(&rec, WS_CHANNEL, &reply["message"], cycle);
+            }
+            Ok(WsIn::Json(reply)) if reply["op"] == "timeout" => {}
+            Ok(WsIn::Json(reply)) => panic!("receive answered {reply}"),
+            _ => return,
+        }
+    }
+}
+
+/// Streams `MEMBERS[0]` over SSE, resuming after the last id it saw.
+async fn sse_reader(
+    base: String,
+    cycle: usize,
+    last_id: Arc<Mutex<Option<String>>>,
+    rec: Shared,
+    stop: CancellationToken,
+) {
+    let http = client();
+    let channel = MEMBERS[0];
+    let resume = last_id.lock().clone();
+    let headers: Vec<(&str, &str)> = resume
+        .as_deref()
+        .map(|id| vec![("last-event-id", id)])
+        .unwrap_or_default();
+    let mut sse = Sse::open_any(
+        &http,
+        &format!("{base}/v1/channels/{channel}/events"),
+        &headers,
+    )
+    .await;
+    if sse.status != 200 {
+        return;
+    }
+    while !stop.is_cancelled() {
+        match sse.next_event_within(Duration::from_millis(300)).await {
+            Ok(Some(event)) => {
+                assert_ne!(
+                    event.event.as_deref(),
+                    Some("herald.gap"),
+                    "no message may be missing"
+                );
+                delivered(&rec, channel, &event.json(), cycle);
+                *last_id.lock() = event.id.clone();
+            }
+            Ok(None) => return,
+            Err(()) => {}
+        }
+    }
+}
+
+struct Mode {
+    config: &'static str,
+    /// Acknowledged messages may be lost only when acknowledged this close to a kill.
+    loss_window: Option<Duration>,
+}
+
+async fn run(mode: Mode) {
+    let seed = seed();
+    let cycles = cycles();
+    println!("crash test: HERALD_CRASH_SEED={seed} HERALD_CRASH_CYCLES={cycles}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rec: Shared = Arc::default();
+    let work = Workdir::new();
+    let seqs: HashMap<&str, Arc<Mutex<u64>>> = ["c0", "c1", "ws", "group"]
+        .into_iter()
+        .map(|k| (k, Arc::default()))
+        .collect();
+    let sse_last = Arc::new(Mutex::new(None));
+
+    let mut server = Server::start_in(work.clone(), mode.config).await;
+    let http = client();
+    for member in MEMBERS {
+        let r = http
+            .put(server.url(&format!("/v1/groups/{GROUP}/channels/{member}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 204);
+    }
+    for cycle in 0..cycles {
+        if cycle > 0 {
+            server = server.restart().await;
+        }
+        let stop = CancellationToken::new();
+        let base = server.base.clone();
+        let ws_url = server.ws_url();
+        let tasks = vec![
+            tokio::spawn(http_publisher(
+                base.clone(),
+                "c0".into(),
+                HTTP_CHANNELS[0],
+                cycle,
+                seqs["c0"].clone(),
+                rec.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(http_publisher(
+                base.clone(),
+                "c1".into(),
+                HTTP_CHANNELS[1],
+                cycle,
+                seqs["c1"].clone(),
+                rec.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(group_publisher(
+                base.clone(),
+                cycle,
+                seqs["group"].clone(),
+                rec.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(ws_publisher(
+                ws_url.clone(),
+                cycle,
+                seqs["ws"].clone(),
+                rec.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(adder(base.clone(), cycle, rec.clone(), stop.clone())),
+            tokio::spawn(long_poller(
+                base.clone(),
+                HTTP_CHANNELS[0],
+                cycle,
+                rec.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(ws_receiver(
+                ws_url.clone(),
+                cycle,
+                rec.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(sse_reader(
+                base.clone(),
+                cycle,
+                sse_last.clone(),
+                rec.clone(),
+                stop.clone(),
+            )),
+        ];
+        tokio::time::sleep(Duration::from_millis(rng.random_range(150..700))).await;
+        server.kill().await;
+        rec.lock().kills.push(Instant::now());
+        stop.cancel();
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("a client task ends after the kill")
+                .expect("a client task does not panic");
+        }
+    }
+
+    // Drain: the SSE reader resumes once more, then every channel is emptied.
+    server = server.restart().await;
+    let final_cycle = cycles;
+    let stop = CancellationToken::new();
+    let sse = tokio::spawn(sse_reader(
+        server.base.clone(),
+        final_cycle,
+        sse_last.clone(),
+        rec.clone(),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.cancel();
+    sse.await.unwrap();
+    let channels: Vec<&str> = HTTP_CHANNELS
+        .iter()
+        .chain(MEMBERS.iter())
+        .chain([WS_CHANNEL].iter())
+        .copied()
+        .collect();
+    for channel in &channels {
+        loop {
+            let r = http
+                .get(server.url(&format!("/v1/channels/{channel}/messages")))
+                .send()
+                .await
+                .unwrap();
+            if r.status().as_u16() == 204 {
+                break;
+            }
+            let body: Json = r.json().await.unwrap();
+            delivered(&rec, channel, &body["message"], final_cycle);
+        }
+    }
+    let r = http
+        .get(server.url(&format!("/v1/groups/{ADDS_GROUP}/channels")))
+        .send()
+        .await
+        .unwrap();
+    let members: HashSet<String> = r.json::<Json>().await.unwrap()["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+
+    let rec = rec.lock();
+    let mut total_acked = 0;
+    let mut lost = Vec::new();
+    for channel in &channels {
+        let acked = rec.acked.get(*channel).cloned().unwrap_or_default();
+        let got = rec.delivered.get(*channel).cloned().unwrap_or_default();
+        total_acked += acked.len();
+        let seen: HashSet<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        for (key, at, cycle) in &acked {
+            if !seen.contains(key.as_str()) {
+                lost.push((channel.to_string(), key.clone(), *at, *cycle));
+            }
+        }
+        // Nothing delivered that was never sent.
+        for (key, _) in &got {
+            assert!(
+                rec.attempted.contains(key),
+                "seed {seed}: {channel} delivered {key}, never sent"
+            );
+        }
+        // Order per publisher holds (first deliveries), and a duplicate comes only
+        // after a crash that followed its first delivery.
+        let mut first_seen: HashMap<&str, usize> = HashMap::new();
+        let mut last_seq: HashMap<&str, u64> = HashMap::new();
+        for (key, cycle) in &got {
+            if let Some(first) = first_seen.get(key.as_str()) {
+                assert!(
+                    first < cycle,
+                    "seed {seed}: {channel} delivered {key} twice in cycle {cycle}"
+                );
+                continue;
+            }
+            first_seen.insert(key, *cycle);
+            let (publisher, seq) = split_key(key);
+            if let Some(previous) = last_seq.insert(publisher, seq) {
+                assert!(
+                    previous < seq,
+                    "seed {seed}: {channel} delivered {publisher}:{seq} after {previous}"
+                );
+            }
+        }
+    }
+    // In sync mode nothing acknowledged may be lost; in interval mode only what was
+    // acknowledged within the window before a kill.
+    let check_loss = |what: &str, at: Instant, cycle: usize| match mode.loss_window {
+        None => panic!("seed {seed}: acknowledged {what} (cycle {cycle}) is lost"),
+        Some(window) => {
+            let before_kill = rec.kills[cycle].duration_since(at);
+            assert!(
+                before_kill <= window,
+                "seed {seed}: {what} was lost though acknowledged {before_kill:?} before the kill"
+            );
+        }
+    };
+    for (channel, key, at, cycle) in &lost {
+        check_loss(&format!("{key} on {channel}"), *at, *cycle);
+    }
+    let mut adds_lost = 0;
+    for (add, at, cycle) in &rec.adds {
+        if !members.contains(add) {
+            adds_lost += 1;
+            check_loss(&format!("group_add of {add}"), *at, *cycle);
+        }
+    }
+    println!(
+        "crash test: {cycles} kills, {total_acked} acknowledged deliveries, {} lost within the window, {} group_adds ({adds_lost} lost within the window)",
+        lost.len(),
+        rec.adds.len()
+    );
+    assert!(
+        total_acked > cycles * 10,
+        "the publishers made progress: {total_acked}"
+    );
+    assert!(rec.delivered.values().map(Vec::len).sum::<usize>() >= total_acked - lost.len());
+}
+
+const BASE_CONFIG: &str =
+    "[layer]\ncapacity = 1000000\nexpiry_secs = 3600\n[storage]\nsweep_interval_ms = 200\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_durability_loses_nothing_acknowledged_across_kills() {
+    run(Mode {
+        config: BASE_CONFIG,
+        loss_window: None,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_durability_loses_at_most_the_last_interval() {
+    const CONFIG: &str = "[layer]\ncapacity = 1000000\nexpiry_secs = 3600\n[storage]\nsweep_interval_ms = 200\ndurability = \"interval\"\nflush_interval_ms = 100\n";
+    run(Mode {
+        config: CONFIG,
+        // The flush period, plus the time a flush itself takes and the kill's delivery.
+        loss_window: Some(Duration::from_millis(100 + 400)),
+    })
+    .await;
+}
