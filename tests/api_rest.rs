@@ -1021,10 +1021,6 @@ async fn a_message_received_seconds_before_a_crash_is_not_delivered_again_after_
 }
 
 #[tokio::test]
-#[ignore = "bug in src/layer: with durability = \"sync\" the receive cursor that a sweep \
-            writes is never fsynced unless another acknowledged write follows, so after a \
-            crash a message received long before it is delivered again, contrary to the \
-            documented one to two sweep intervals"]
 async fn a_message_received_seconds_before_a_crash_is_not_delivered_again() {
     let mut server = Server::start_with("[storage]\nsweep_interval_ms = 100\n").await;
     let api = Api::new(&server);

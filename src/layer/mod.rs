@@ -671,6 +671,7 @@ impl Inner {
         }
         if any {
             self.store.apply(batch)?;
+            self.store.flush_soon();
         }
         Ok(())
     }

@@ -217,6 +217,14 @@ impl Store {
         }
     }
 
+    /// Asks for a flush soon without waiting for it, for writes nobody waits on (receive
+    /// cursors) that must still reach the disk in bounded time.
+    pub fn flush_soon(&self) {
+        if self.durability == Durability::Sync {
+            self.flusher.request();
+        }
+    }
+
     /// Flushes everything now, blocking.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush()?;
