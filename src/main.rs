@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use herald::config::Settings;
 use herald::server;
 
+mod dump;
+
 /// Herald: a durable channel layer (channels, groups, expiry, capacity) over HTTP,
 /// SSE and WebSocket.
 #[derive(Parser)]
@@ -37,6 +39,36 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Write a portable dump of a data directory that no server is using.
+    Export {
+        /// The data directory to read.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Where to write the dump (standard output when absent).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Load a dump into a new, empty data directory.
+    Import {
+        /// The data directory to create and fill.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The dump to read (standard input when absent).
+        #[arg(long = "in", value_name = "FILE")]
+        input: Option<PathBuf>,
+        /// The dump to read, as a positional argument.
+        #[arg(conflicts_with = "input")]
+        file: Option<PathBuf>,
+    },
+    /// Save a consistent dump of a running server (GET URL/v1/admin/backup).
+    Backup {
+        /// The server's base URL, e.g. http://127.0.0.1:8080.
+        #[arg(long)]
+        url: String,
+        /// Where to write the dump.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,6 +91,13 @@ fn main() -> ExitCode {
             print!("{text}");
             Ok(())
         }),
+        Command::Export { data_dir, out } => dump::export(&data_dir, out.as_deref()),
+        Command::Import {
+            data_dir,
+            input,
+            file,
+        } => dump::import(&data_dir, input.or(file).as_deref()),
+        Command::Backup { url, out } => dump::backup(&url, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -185,6 +185,28 @@ pub async fn group_send(
     ))
 }
 
+/// GET /v1/admin/backup: a consistent dump of everything, one JSON object per line.
+pub async fn backup(api: Api) -> Result<Response, Rejection> {
+    let _permit = api.admit()?;
+    let layer = api.layer.clone();
+    let dump = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        layer.backup(&mut out).map(|_| out)
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "backup task failed");
+        ApiError::new(ErrorKind::Internal, "the backup failed")
+    })?
+    .map_err(ApiError::from)?;
+    let mut response = Response::new(dump.into());
+    response.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(response)
+}
+
 /// POST /v1/flush
 pub async fn flush(api: Api) -> Result<Response, Rejection> {
     let _permit = api.admit()?;

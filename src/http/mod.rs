@@ -221,6 +221,10 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(with_api(api.clone()))
         .and_then(handlers::flush);
+    let backup = warp::path!("v1" / "admin" / "backup")
+        .and(warp::get())
+        .and(with_api(api.clone()))
+        .and_then(handlers::backup);
     let stats = warp::path!("v1" / "stats")
         .and(warp::get())
         .and(format())
@@ -250,6 +254,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         multi_events.boxed(),
         websocket.boxed(),
         flush.boxed(),
+        backup.boxed(),
         stats.boxed(),
         health.boxed(),
     ]

@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{ChannelRules, ConfigError, LayerSettings, StorageSettings};
 use crate::message::{Message, MessageError};
+use crate::store::dump::DumpStats;
 use crate::store::record::{Record, Target};
 use crate::store::{Store, StoreError, keys};
 use clock::Clock;
@@ -573,6 +574,16 @@ impl ChannelLayer {
         self.inner
             .write_cursors(&mut self.inner.state.lock(), true)?;
         Ok(self.inner.store.flush_blocking()?)
+    }
+
+    /// Writes a consistent dump of everything to `out` (see [`crate::store::dump`]):
+    /// current receive cursors first, then every record, while operations wait.
+    /// Blocking: call it from `spawn_blocking`.
+    pub fn backup(&self, out: &mut impl std::io::Write) -> Result<DumpStats, Error> {
+        let inner = &*self.inner;
+        let mut state = inner.state.lock();
+        inner.write_cursors(&mut state, true)?;
+        Ok(inner.store.export(inner.clock.now_ms(), out)?)
     }
 
     /// Largest accepted message, in bytes of msgpack.

@@ -7,6 +7,7 @@
 //! | key | value |
 //! |---|---|
 //! | `V` | format version, u32 |
+//! | `S` | id floor, u64: added to sled's id generator (set by an import) |
 //! | `M` id | a message record ([`super::record`]) |
 //! | `G` group NUL channel | a membership: joined id, last add time |
 //! | `C` channel | receive cursor: every message of the channel with a lower or equal id was taken |
@@ -16,6 +17,7 @@
 pub const FORMAT_VERSION: u32 = 1;
 
 pub const VERSION: &[u8] = b"V";
+pub const ID_FLOOR: &[u8] = b"S";
 pub const MESSAGE: u8 = b'M';
 pub const MEMBERSHIP: u8 = b'G';
 pub const CURSOR: u8 = b'C';

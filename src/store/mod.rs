@@ -6,6 +6,7 @@
 //! throughput grows with concurrency instead of stopping at the disk's fsync rate.
 //! The store knows nothing of HTTP.
 
+pub mod dump;
 pub mod keys;
 mod migrate;
 pub mod record;
@@ -99,6 +100,9 @@ pub struct Store {
     durability: Durability,
     flusher: Arc<Flusher>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Added to sled's id generator: set once by an import so that new ids follow the
+    /// imported ones.
+    id_floor: u64,
 }
 
 impl Store {
@@ -145,12 +149,17 @@ impl Store {
                 .spawn(move || flusher.run(&db))
                 .expect("spawning the flusher thread")
         });
+        let id_floor = db
+            .get(keys::ID_FLOOR)?
+            .and_then(|v| keys::decode_u64(&v))
+            .unwrap_or(0);
         Ok(Store {
             db,
             path: path.to_path_buf(),
             durability,
             flusher,
             thread: Mutex::new(thread),
+            id_floor,
         })
     }
 
@@ -161,7 +170,7 @@ impl Store {
 
     /// The next id of the global sequence; it only grows, also across restarts.
     pub fn next_id(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()? + 1)
+        Ok(self.id_floor + self.db.generate_id()? + 1)
     }
 
     /// Reads one key.

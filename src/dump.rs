@@ -1,0 +1,126 @@
+//! The `export`, `import` and `backup` commands: dumps of a data directory, offline or
+//! from a running server.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use herald::config::Durability;
+use herald::layer::clock::{Clock, SystemClock};
+use herald::store::Store;
+
+fn open(data_dir: &Path) -> Result<Store, String> {
+    Store::open(data_dir, Durability::Sync, Duration::from_millis(500)).map_err(|e| e.to_string())
+}
+
+/// Writes where `out` says (a file, replaced only once complete), or to stdout.
+fn write_to(
+    out: Option<&Path>,
+    write: impl FnOnce(&mut dyn Write) -> Result<(), String>,
+) -> Result<(), String> {
+    match out {
+        None => write(&mut std::io::stdout().lock()),
+        Some(path) => {
+            let partial = path.with_extension("partial");
+            let file = File::create(&partial)
+                .map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
+            let mut writer = BufWriter::new(file);
+            write(&mut writer)?;
+            writer
+                .into_inner()
+                .map_err(|e| e.to_string())?
+                .sync_all()
+                .map_err(|e| e.to_string())?;
+            std::fs::rename(&partial, path)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        }
+    }
+}
+
+/// `herald export`: refuses a data dir that a live server holds (its lock).
+pub fn export(data_dir: &Path, out: Option<&Path>) -> Result<(), String> {
+    if !data_dir.is_dir() {
+        return Err(format!(
+            "data directory {} does not exist",
+            data_dir.display()
+        ));
+    }
+    let store = open(data_dir)?;
+    write_to(out, |w| {
+        let stats = store
+            .export(SystemClock.now_ms(), w)
+            .map_err(|e| e.to_string())?;
+        eprintln!(
+            "herald: exported {} messages, {} memberships, {} cursors, {} references",
+            stats.messages, stats.memberships, stats.cursors, stats.references
+        );
+        Ok(())
+    })
+}
+
+/// `herald import`: into a new or empty data dir only.
+pub fn import(data_dir: &Path, input: Option<&Path>) -> Result<(), String> {
+    let store = open(data_dir)?;
+    let stats = match input {
+        Some(path) => {
+            let file =
+                File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            store.import(BufReader::new(file))
+        }
+        None => store.import(std::io::stdin().lock()),
+    }
+    .map_err(|e| e.to_string())?;
+    eprintln!(
+        "herald: imported {} messages, {} memberships, {} cursors, {} references into {}",
+        stats.messages,
+        stats.memberships,
+        stats.cursors,
+        stats.references,
+        data_dir.display()
+    );
+    Ok(())
+}
+
+/// `herald backup`: streams `URL/v1/admin/backup` into `out`.
+pub fn backup(url: &str, out: &Path) -> Result<(), String> {
+    let base = url.trim_end_matches('/');
+    let endpoint = if base.ends_with("/v1/admin/backup") {
+        base.to_string()
+    } else {
+        format!("{base}/v1/admin/backup")
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let body = runtime.block_on(async {
+        let response = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(|e| e.to_string())?
+            .get(&endpoint)
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach {endpoint}: {e}"))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| format!("reading the backup: {e}"))?;
+        if !status.is_success() {
+            return Err(format!(
+                "{endpoint} answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        Ok(body)
+    })?;
+    write_to(Some(out), |w| w.write_all(&body).map_err(|e| e.to_string()))?;
+    eprintln!(
+        "herald: saved {} bytes of backup to {}",
+        body.len(),
+        out.display()
+    );
+    Ok(())
+}

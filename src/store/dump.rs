@@ -1,0 +1,286 @@
+//! A portable, versioned dump of everything stored: one JSON object per line.
+//!
+//! The first line is a header (`herald_dump` version, format version, creation time,
+//! the next id); then every message (id, send time, target, skipped members, msgpack
+//! body in base64), membership, receive cursor and reference. Importing it into an
+//! empty data directory gives the same observable state; ids continue after the
+//! dumped ones.
+
+use std::io::{BufRead, Write};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::{Deserialize, Serialize};
+
+use super::keys::{self, FORMAT_VERSION};
+use super::record::{Record, Target};
+use super::{Store, StoreError};
+// Names become parts of keys: the same rules as the layer's keep the key layout sound.
+use crate::layer::names;
+
+/// The version of the dump format this build writes and reads.
+pub const DUMP_VERSION: u32 = 1;
+
+/// One line of a dump.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Line {
+    Header {
+        herald_dump: u32,
+        format_version: u32,
+        created_at_ms: u64,
+        /// Ids given after an import start above this.
+        next_id: u64,
+    },
+    Message {
+        id: u64,
+        sent_at_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        channel: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        skipped: Vec<String>,
+        /// The message as msgpack, base64-encoded.
+        body: String,
+    },
+    Membership {
+        group: String,
+        channel: String,
+        joined_id: u64,
+        last_add_ms: u64,
+    },
+    Cursor {
+        channel: String,
+        taken_upto: u64,
+    },
+    Reference {
+        id: u64,
+        channel: String,
+    },
+}
+
+/// Counts of what a dump held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DumpStats {
+    pub messages: usize,
+    pub memberships: usize,
+    pub cursors: usize,
+    pub references: usize,
+}
+
+/// Why a dump could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("data directory {0} is not empty; import only into a new, empty one")]
+    NotEmpty(String),
+    #[error("line {line}: {reason}")]
+    Invalid { line: usize, reason: String },
+    #[error(
+        "the dump has version {0}; this Herald reads version {DUMP_VERSION}: use a matching Herald"
+    )]
+    Version(u32),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("reading the dump: {0}")]
+    Read(#[from] std::io::Error),
+}
+
+fn corrupt(store: &Store, what: &str) -> StoreError {
+    StoreError::Corrupt {
+        path: store.path().to_path_buf(),
+        detail: format!("unreadable {what}"),
+    }
+}
+
+impl Store {
+    /// Writes every stored record to `out`, one JSON line each, in key order.
+    pub fn export<W: Write + ?Sized>(
+        &self,
+        now_ms: u64,
+        out: &mut W,
+    ) -> Result<DumpStats, StoreError> {
+        let io = |e: std::io::Error| StoreError::Io(format!("writing the dump: {e}"));
+        let mut write = |line: &Line| -> Result<(), StoreError> {
+            serde_json::to_writer(&mut *out, line).map_err(|e| io(e.into()))?;
+            out.write_all(b"\n").map_err(io)
+        };
+        write(&Line::Header {
+            herald_dump: DUMP_VERSION,
+            format_version: FORMAT_VERSION,
+            created_at_ms: now_ms,
+            next_id: self.next_id()?,
+        })?;
+        let mut stats = DumpStats::default();
+        for item in self.scan(&[keys::MESSAGE]) {
+            let (key, value) = item?;
+            let id = keys::message_id(&key).ok_or_else(|| corrupt(self, "message key"))?;
+            let record = Record::decode(&value).ok_or_else(|| corrupt(self, "message"))?;
+            let (channel, group) = match record.target {
+                Target::Channel(c) => (Some(c), None),
+                Target::Group(g) => (None, Some(g)),
+            };
+            write(&Line::Message {
+                id,
+                sent_at_ms: record.sent_at_ms,
+                channel,
+                group,
+                skipped: record.skipped,
+                body: BASE64.encode(&record.body),
+            })?;
+            stats.messages += 1;
+        }
+        for item in self.scan(&[keys::MEMBERSHIP]) {
+            let (key, value) = item?;
+            let (group, channel) =
+                keys::membership_parts(&key).ok_or_else(|| corrupt(self, "membership"))?;
+            let (joined_id, last_add_ms) =
+                keys::decode_membership(&value).ok_or_else(|| corrupt(self, "membership"))?;
+            write(&Line::Membership {
+                group: group.to_string(),
+                channel: channel.to_string(),
+                joined_id,
+                last_add_ms,
+            })?;
+            stats.memberships += 1;
+        }
+        for item in self.scan(&[keys::CURSOR]) {
+            let (key, value) = item?;
+            let channel = keys::cursor_channel(&key).ok_or_else(|| corrupt(self, "cursor"))?;
+            let taken_upto = keys::decode_u64(&value).ok_or_else(|| corrupt(self, "cursor"))?;
+            write(&Line::Cursor {
+                channel: channel.to_string(),
+                taken_upto,
+            })?;
+            stats.cursors += 1;
+        }
+        for item in self.scan(&[keys::REF]) {
+            let (key, _) = item?;
+            let (id, channel) =
+                keys::reference_parts(&key).ok_or_else(|| corrupt(self, "reference"))?;
+            write(&Line::Reference {
+                id,
+                channel: channel.to_string(),
+            })?;
+            stats.references += 1;
+        }
+        out.flush().map_err(io)?;
+        Ok(stats)
+    }
+
+    /// Loads a dump into this store, which must be empty, and flushes it to disk.
+    pub fn import(&self, input: impl BufRead) -> Result<DumpStats, ImportError> {
+        let has_data = self
+            .scan(&[])
+            .filter_map(Result::ok)
+            .any(|(key, _)| key.as_ref() != keys::VERSION);
+        if has_data {
+            return Err(ImportError::NotEmpty(self.path().display().to_string()));
+        }
+        let mut stats = DumpStats::default();
+        let mut batch = sled::Batch::default();
+        let mut header_seen = false;
+        for (n, line) in input.lines().enumerate() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let invalid = |reason: String| ImportError::Invalid {
+                line: n + 1,
+                reason,
+            };
+            let parsed: Line = serde_json::from_str(&line).map_err(|e| invalid(e.to_string()))?;
+            if !header_seen && !matches!(parsed, Line::Header { .. }) {
+                return Err(invalid("the first line must be the dump header".into()));
+            }
+            match parsed {
+                Line::Header {
+                    herald_dump,
+                    next_id,
+                    ..
+                } => {
+                    if header_seen {
+                        return Err(invalid("a second header".into()));
+                    }
+                    if herald_dump != DUMP_VERSION {
+                        return Err(ImportError::Version(herald_dump));
+                    }
+                    header_seen = true;
+                    batch.insert(keys::ID_FLOOR, &keys::encode_u64(next_id));
+                }
+                Line::Message {
+                    id,
+                    sent_at_ms,
+                    channel,
+                    group,
+                    skipped,
+                    body,
+                } => {
+                    for name in channel.iter().chain(&skipped) {
+                        names::check_channel(name).map_err(|e| invalid(e.to_string()))?;
+                    }
+                    if let Some(group) = &group {
+                        names::check_group(group).map_err(|e| invalid(e.to_string()))?;
+                    }
+                    let target = match (channel, group) {
+                        (Some(c), None) => Target::Channel(c),
+                        (None, Some(g)) => Target::Group(g),
+                        _ => return Err(invalid("a message needs a channel or a group".into())),
+                    };
+                    let body = BASE64
+                        .decode(body)
+                        .map_err(|e| invalid(format!("body is not base64: {e}")))?;
+                    crate::message::Message::from_msgpack(&body)
+                        .map_err(|e| invalid(format!("body is not a valid message: {e}")))?;
+                    let record = Record {
+                        sent_at_ms,
+                        target,
+                        skipped,
+                        body: body.into(),
+                    };
+                    batch.insert(keys::message(id).as_slice(), record.encode());
+                    stats.messages += 1;
+                }
+                Line::Membership {
+                    group,
+                    channel,
+                    joined_id,
+                    last_add_ms,
+                } => {
+                    names::check_group(&group).map_err(|e| invalid(e.to_string()))?;
+                    names::check_channel(&channel).map_err(|e| invalid(e.to_string()))?;
+                    batch.insert(
+                        keys::membership(&group, &channel),
+                        keys::encode_membership(joined_id, last_add_ms).as_slice(),
+                    );
+                    stats.memberships += 1;
+                }
+                Line::Cursor {
+                    channel,
+                    taken_upto,
+                } => {
+                    names::check_channel(&channel).map_err(|e| invalid(e.to_string()))?;
+                    batch.insert(
+                        keys::cursor(&channel),
+                        keys::encode_u64(taken_upto).as_slice(),
+                    );
+                    stats.cursors += 1;
+                }
+                Line::Reference { id, channel } => {
+                    names::check_channel(&channel).map_err(|e| invalid(e.to_string()))?;
+                    batch.insert(keys::reference(id, &channel), &[]);
+                    stats.references += 1;
+                }
+            }
+        }
+        if !header_seen {
+            return Err(ImportError::Invalid {
+                line: 1,
+                reason: "empty dump: no header".into(),
+            });
+        }
+        self.apply(batch)?;
+        self.flush_blocking()?;
+        Ok(stats)
+    }
+}

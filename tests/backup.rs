@@ -1,0 +1,176 @@
+//! Backup and restore: `herald export` of a stopped server's data dir, `herald backup`
+//! of a running one, `herald import` into a new dir; the restored server shows the same
+//! state (pending messages with their ids, memberships, what was already received).
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{Api, Server, Workdir, msg};
+use serde_json::Value as Json;
+
+fn herald(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running herald")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Everything a client can observe, in a comparable form; drains the channels.
+async fn observe(server: &Server) -> (Vec<String>, Json, Vec<Vec<(String, Json)>>) {
+    let api = Api::new(server);
+    let members = api.members("room").await;
+    let channels: Json = api
+        .http
+        .get(api.url("/v1/channels"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut drained = Vec::new();
+    for channel in ["a", "b", "c", "direct"] {
+        drained.push(api.drain(channel).await);
+    }
+    (members, channels, drained)
+}
+
+#[tokio::test]
+async fn export_backup_and_import_restore_the_same_state() {
+    let original = Workdir::new();
+    let mut server = Server::start_in(original.clone(), "").await;
+    let api = Api::new(&server);
+    for n in 0..5 {
+        api.send("direct", &msg(n)).await;
+    }
+    for channel in ["a", "b", "c"] {
+        api.group_add("room", channel).await;
+    }
+    for n in 10..14 {
+        api.group_send("room", &msg(n)).await;
+    }
+    // Received messages must not come back; a discarded member keeps what it got.
+    api.receive("direct").await.unwrap();
+    api.receive("a").await.unwrap();
+    api.group_discard("room", "c").await;
+    api.group_send("room", &msg(20)).await;
+
+    // A live server's data dir is refused; its online backup works.
+    let dumps = tempfile::tempdir().unwrap();
+    let online = dumps.path().join("online.ndjson");
+    let refused = herald(&["export", "--data-dir", path(&original.data_dir())]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("in use"), "{stderr}");
+    let backup = herald(&["backup", "--url", &server.base, "--out", path(&online)]);
+    assert!(backup.status.success(), "{backup:?}");
+
+    server.shutdown(common::T).await;
+    let offline = dumps.path().join("offline.ndjson");
+    let export = herald(&[
+        "export",
+        "--data-dir",
+        path(&original.data_dir()),
+        "--out",
+        path(&offline),
+    ]);
+    assert!(export.status.success(), "{export:?}");
+    let header: Json = serde_json::from_str(
+        std::fs::read_to_string(&offline)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(header["kind"], "header");
+    assert_eq!(header["herald_dump"], 1);
+
+    let from_offline = Workdir::new();
+    let import = herald(&[
+        "import",
+        "--data-dir",
+        path(&from_offline.data_dir()),
+        "--in",
+        path(&offline),
+    ]);
+    assert!(import.status.success(), "{import:?}");
+    let from_online = Workdir::new();
+    let import = herald(&[
+        "import",
+        "--data-dir",
+        path(&from_online.data_dir()),
+        path(&online),
+    ]);
+    assert!(import.status.success(), "{import:?}");
+    // Importing into a data dir that holds data is refused.
+    let again = herald(&[
+        "import",
+        "--data-dir",
+        path(&from_online.data_dir()),
+        path(&online),
+    ]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+
+    let mut states = Vec::new();
+    for work in [&original, &from_offline, &from_online] {
+        let server = Server::start_in((*work).clone(), "").await;
+        let state = observe(&server).await;
+        // New ids follow the restored ones.
+        let last_id = state
+            .2
+            .iter()
+            .flatten()
+            .map(|(id, _)| common::id_num(id))
+            .max()
+            .unwrap();
+        let fresh = Api::new(&server).send("direct", &msg(99)).await;
+        assert!(common::id_num(&fresh) > last_id);
+        states.push(state);
+    }
+    let (members, _, drained) = &states[0];
+    assert_eq!(members, &["a", "b"]);
+    assert_eq!(
+        drained[0].len(),
+        4,
+        "a: 5 group messages, minus the one received"
+    );
+    assert_eq!(
+        drained[2].len(),
+        4,
+        "c keeps the group messages sent before its discard"
+    );
+    assert_eq!(drained[3].len(), 4, "direct: 5 sent, 1 received");
+    assert_eq!(states[1], states[0], "restored from export");
+    assert_eq!(states[2], states[0], "restored from online backup");
+}
+
+#[tokio::test]
+async fn import_refuses_a_malformed_dump_with_the_line() {
+    let dumps = tempfile::tempdir().unwrap();
+    let bad = dumps.path().join("bad.ndjson");
+    std::fs::write(
+        &bad,
+        "{\"kind\":\"header\",\"herald_dump\":1,\"format_version\":1,\"created_at_ms\":0,\"next_id\":5}\n{\"kind\":\"cursor\",\"channel\":\"bad name\",\"taken_upto\":1}\n",
+    )
+    .unwrap();
+    let work = Workdir::new();
+    let out = herald(&["import", "--data-dir", path(&work.data_dir()), path(&bad)]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 2"), "{stderr}");
+
+    std::fs::write(&bad, "{\"kind\":\"header\",\"herald_dump\":9,\"format_version\":1,\"created_at_ms\":0,\"next_id\":5}\n").unwrap();
+    let work = Workdir::new();
+    let out = herald(&["import", "--data-dir", path(&work.data_dir()), path(&bad)]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("version 9"));
+}
