@@ -54,13 +54,20 @@ struct Request {
 }
 
 impl Request {
-    fn decode(frame: &Frame) -> Option<Result<Request, (Format, ApiError)>> {
+    /// The request, or an error with the format to answer in and the `ref` to echo.
+    #[allow(clippy::type_complexity)]
+    fn decode(frame: &Frame) -> Option<Result<Request, (Format, Option<Value>, ApiError)>> {
         let malformed = |e: String| ApiError::new(ErrorKind::InvalidBody, e);
+        let mut early_ref = None;
         let (format, parsed) = if frame.is_text() {
             let parsed = serde_json::from_slice::<serde_json::Value>(frame.as_bytes())
                 .map_err(|e| malformed(format!("malformed JSON: {e}")))
-                // The frame is one level above its message: start at depth 0.
-                .and_then(|json| json_to_value(&json, 0).map_err(ApiError::from));
+                .and_then(|json| {
+                    // Echoed even when the conversion below refuses a too-deep message.
+                    early_ref = json.get("ref").and_then(|r| json_to_value(r, 1).ok());
+                    // The frame is one level above its message: start at depth 0.
+                    json_to_value(&json, 0).map_err(ApiError::from)
+                });
             (Format::Json, parsed)
         } else if frame.is_binary() {
             let mut bytes = frame.as_bytes();
@@ -93,12 +100,13 @@ impl Request {
             }
             Ok(_) => Err((
                 format,
+                None,
                 ApiError::new(
                     ErrorKind::InvalidBody,
                     "a request must be a map with an \"op\"",
                 ),
             )),
-            Err(e) => Err((format, e)),
+            Err(e) => Err((format, early_ref, e)),
         })
     }
 
@@ -227,8 +235,9 @@ async fn serve(api: Api, socket: WebSocket, permit: OwnedSemaphorePermit) {
             Some(Ok(frame)) if frame.is_close() => break,
             Some(Ok(frame)) => match Request::decode(&frame) {
                 None => {}
-                Some(Err((format, error))) => {
-                    let _ = conn.outbox.send(error_frame(format, None, &error)).await;
+                Some(Err((format, reference, error))) => {
+                    let reply = error_frame(format, reference.as_ref(), &error);
+                    let _ = conn.outbox.send(reply).await;
                 }
                 Some(Ok(request)) => {
                     if let Err(error) = conn.handle(&request).await {
