@@ -107,8 +107,11 @@ pub async fn start(
         let api = api.clone();
         let stop = stop.clone();
         async move {
-            run(&api, &spec, tx, &stop).await;
+            run(&api, &spec, &tx, &stop).await;
             finish(&api, &spec).await;
+            // The client's stream ends only now, so that a graceful shutdown, which
+            // waits for open connections before its final flush, covers `finish`.
+            drop(tx);
             api.streams.remove(&spec.channel, id);
             drop(permit);
         }
@@ -124,7 +127,7 @@ pub async fn start(
     (rx, stop)
 }
 
-async fn run(api: &Api, spec: &Spec, tx: mpsc::Sender<Push>, stop: &CancellationToken) {
+async fn run(api: &Api, spec: &Spec, tx: &mpsc::Sender<Push>, stop: &CancellationToken) {
     let slow = Duration::from_secs(api.settings.slow_consumer_secs);
     let layer = &api.layer;
     let mut last = spec.last_event_id;
@@ -149,7 +152,7 @@ async fn run(api: &Api, spec: &Spec, tx: mpsc::Sender<Push>, stop: &Cancellation
             if let Push::Message { id, .. } = &push {
                 last = Some(*id);
             }
-            let Some(permit) = reserve(&tx, slow, stop).await else {
+            let Some(permit) = reserve(tx, slow, stop).await else {
                 return;
             };
             permit.send(push);
@@ -160,7 +163,7 @@ async fn run(api: &Api, spec: &Spec, tx: mpsc::Sender<Push>, stop: &Cancellation
     let mut refresh =
         tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
     loop {
-        let Some(permit) = reserve(&tx, slow, stop).await else {
+        let Some(permit) = reserve(tx, slow, stop).await else {
             return;
         };
         let delivery = tokio::select! {
