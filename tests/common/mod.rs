@@ -787,6 +787,15 @@ impl Ws {
             .expect("sending a WebSocket frame");
     }
 
+    /// Sends a frame, returning the error instead of panicking (for frames the server
+    /// may refuse before it has read them whole).
+    pub async fn try_send_frame(
+        &mut self,
+        frame: WsFrame,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        within(T, "sending a WebSocket frame", self.stream.send(frame)).await
+    }
+
     /// Sends `request` as a JSON text frame.
     pub async fn send_json(&mut self, request: &Json) {
         self.send_frame(WsFrame::text(request.to_string())).await;
