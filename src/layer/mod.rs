@@ -170,7 +170,7 @@ impl ChannelLayer {
         let (id, ticket) = {
             let mut state = inner.state.lock();
             let now = inner.clock.now_ms();
-            let ch = state.channel(channel, &inner.rules, inner.replay_capacity);
+            let ch = inner.channel(&mut state.channels, channel);
             if ch.is_full(now) {
                 return Err(Error::ChannelFull {
                     channel: channel.to_string(),
@@ -186,7 +186,7 @@ impl ChannelLayer {
                 body: message.msgpack().clone(),
             };
             let ticket = inner.store.insert(&keys::message(id), &record.encode())?;
-            let ch = state.channel(channel, &inner.rules, inner.replay_capacity);
+            let ch = inner.channel(&mut state.channels, channel);
             ch.queue.push_back(Entry {
                 id,
                 sent_at_ms,
@@ -208,7 +208,7 @@ impl ChannelLayer {
         let inner = &*self.inner;
         let mut guard = {
             let mut state = inner.state.lock();
-            let ch = state.channel(channel, &inner.rules, inner.replay_capacity);
+            let ch = inner.channel(&mut state.channels, channel);
             if let Some(delivery) = inner.take(ch) {
                 return Ok(Some(delivery));
             }
@@ -329,7 +329,7 @@ impl ChannelLayer {
                 if !membership.active_at(sent_at_ms, inner.group_expiry_ms) {
                     continue;
                 }
-                let ch = channel_entry(&mut state.channels, channel, inner);
+                let ch = inner.channel(&mut state.channels, channel);
                 if ch.is_full(sent_at_ms) {
                     skipped.push(channel.clone());
                 } else {
@@ -599,20 +599,6 @@ fn delivery(entry: &Entry) -> Delivery {
     }
 }
 
-fn channel_entry<'a>(
-    channels: &'a mut HashMap<String, Channel>,
-    name: &str,
-    inner: &Inner,
-) -> &'a mut Channel {
-    if !channels.contains_key(name) {
-        channels.insert(
-            name.to_string(),
-            Channel::new(name, &inner.rules, inner.replay_capacity),
-        );
-    }
-    channels.get_mut(name).expect("inserted above")
-}
-
 fn current_members(
     members: &HashMap<String, Membership>,
     now: u64,
@@ -637,6 +623,21 @@ fn remove_member(state: &mut State, group: &str, channel: &str) {
 }
 
 impl Inner {
+    /// The channel's state, created on first use with its configured limits.
+    fn channel<'a>(
+        &self,
+        channels: &'a mut HashMap<String, Channel>,
+        name: &str,
+    ) -> &'a mut Channel {
+        if !channels.contains_key(name) {
+            channels.insert(
+                name.to_string(),
+                Channel::new(name, &self.rules, self.replay_capacity),
+            );
+        }
+        channels.get_mut(name).expect("inserted above")
+    }
+
     fn check_size(&self, message: &Message) -> Result<(), Error> {
         if message.encoded_len() > self.max_message_bytes {
             return Err(Error::MessageTooLarge {
@@ -851,7 +852,7 @@ impl Inner {
             let message = Arc::new(Message::trusted(record.body));
             for channel in recipients {
                 let delivered = cursors.get(&channel).is_some_and(|c| id <= *c);
-                let ch = channel_entry(&mut state.channels, &channel, self);
+                let ch = self.channel(&mut state.channels, &channel);
                 let entry = Entry {
                     id,
                     sent_at_ms: record.sent_at_ms,
@@ -902,7 +903,7 @@ impl WaitGuard<'_> {
             let was_woken = (&mut self.woken).await.is_ok();
             let inner = self.inner;
             let mut state = inner.state.lock();
-            let ch = state.channel(self.channel, &inner.rules, inner.replay_capacity);
+            let ch = inner.channel(&mut state.channels, self.channel);
             if was_woken {
                 ch.reserved -= 1;
             }

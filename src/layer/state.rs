@@ -164,20 +164,6 @@ pub(super) struct State {
 }
 
 impl State {
-    /// The channel, created on first use.
-    pub fn channel(
-        &mut self,
-        name: &str,
-        rules: &ChannelRules,
-        replay_capacity: usize,
-    ) -> &mut Channel {
-        if !self.channels.contains_key(name) {
-            self.channels
-                .insert(name.to_string(), Channel::new(name, rules, replay_capacity));
-        }
-        self.channels.get_mut(name).expect("inserted above")
-    }
-
     /// The send time for a new message: now, but never before the previous one.
     pub fn send_time(&mut self, now_ms: u64) -> u64 {
         self.last_sent_at_ms = self.last_sent_at_ms.max(now_ms);
