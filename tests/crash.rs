@@ -78,6 +78,17 @@ fn cycles() -> usize {
         .unwrap_or(20)
 }
 
+/// The next message key of `publisher`, recorded as attempted.
+fn next_key(publisher: &str, seq: &Mutex<u64>, rec: &Shared) -> String {
+    let key = {
+        let mut n = seq.lock();
+        *n += 1;
+        format!("{publisher}:{n}")
+    };
+    rec.lock().attempted.insert(key.clone());
+    key
+}
+
 /// Publishes to `channel` over HTTP until stopped.
 async fn http_publisher(
     base: String,
@@ -90,12 +101,7 @@ async fn http_publisher(
 ) {
     let http = client();
     while !stop.is_cancelled() {
-        let key = {
-            let mut n = seq.lock();
-            *n += 1;
-            format!("{name}:{n}")
-        };
-        rec.lock().attempted.insert(key.clone());
+        let key = next_key(&name, &seq, &rec);
         let sent = http
             .post(format!("{base}/v1/channels/{channel}/messages"))
             .json(&message(&key))
@@ -125,12 +131,7 @@ async fn group_publisher(
 ) {
     let http = client();
     while !stop.is_cancelled() {
-        let key = {
-            let mut n = seq.lock();
-            *n += 1;
-            format!("group:{n}")
-        };
-        rec.lock().attempted.insert(key.clone());
+        let key = next_key("group", &seq, &rec);
         let sent = http
             .post(format!("{base}/v1/groups/{GROUP}/messages"))
             .json(&message(&key))
@@ -187,12 +188,7 @@ async fn ws_publisher(
 ) {
     let mut ws = Ws::connect_url(&server_ws).await;
     while !stop.is_cancelled() {
-        let key = {
-            let mut n = seq.lock();
-            *n += 1;
-            format!("ws:{n}")
-        };
-        rec.lock().attempted.insert(key.clone());
+        let key = next_key("ws", &seq, &rec);
         if !ws_send(
             &mut ws,
             json!({"op": "send", "channel": WS_CHANNEL, "message": message(&key)}),

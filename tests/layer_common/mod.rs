@@ -37,7 +37,10 @@ impl TestLayer {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = settings(&dir);
         tweak(&mut settings);
-        let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+        TestLayer::open(settings, dir, Arc::new(ManualClock::new(1_800_000_000_000)))
+    }
+
+    fn open(settings: Settings, dir: TempDir, clock: Arc<ManualClock>) -> Self {
         let layer = ChannelLayer::open(&settings.layer, &settings.storage, clock.clone()).unwrap();
         TestLayer {
             layer,
@@ -57,13 +60,7 @@ impl TestLayer {
             dir,
         } = self;
         drop(layer);
-        let layer = ChannelLayer::open(&settings.layer, &settings.storage, clock.clone()).unwrap();
-        TestLayer {
-            layer,
-            clock,
-            settings,
-            dir,
-        }
+        TestLayer::open(settings, dir, clock)
     }
 
     pub fn advance(&self, secs: u64) {
