@@ -1034,3 +1034,24 @@ async fn a_message_received_seconds_before_a_crash_is_not_delivered_again() {
     let api = Api::new(&server);
     assert_eq!(api.drain("cursor").await, vec![(second, msg(1))]);
 }
+
+#[tokio::test]
+async fn a_long_poll_abandoned_by_its_client_takes_no_message() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start().await;
+    let api = Api::new(&server);
+    let mut stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v1/channels/abandoned/messages?wait=20 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = api.send("abandoned", &msg(1)).await;
+    assert_eq!(
+        api.receive_wait("abandoned", 2.0).await,
+        Some((id, msg(1))),
+        "the message went to the long-poll of a client that had left"
+    );
+}
