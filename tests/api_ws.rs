@@ -561,13 +561,11 @@ async fn bad_requests_get_error_replies_and_the_connection_stays_open() {
 
 /// Reads until a close frame or the end; returns the close code, if any.
 async fn close_code(ws: &mut Ws) -> Option<u16> {
-    loop {
-        match ws.next_within(T).await {
-            Ok(WsIn::Close(code, _)) => return Some(code),
-            Ok(WsIn::End) => return None,
-            Err(()) => panic!("the socket was neither closed nor answered within {T:?}"),
-            Ok(other) => panic!("unexpected frame {other:?}"),
-        }
+    match ws.next_within(T).await {
+        Ok(WsIn::Close(code, _)) => Some(code),
+        Ok(WsIn::End) => None,
+        Err(()) => panic!("the socket was neither closed nor answered within {T:?}"),
+        Ok(other) => panic!("unexpected frame {other:?}"),
     }
 }
 
