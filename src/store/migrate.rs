@@ -17,12 +17,9 @@ pub struct Migration {
 /// version N's step is added here together with `migrations/000N-*.md`.
 pub const MIGRATIONS: &[Migration] = &[];
 
-/// The oldest version this build can open (and upgrade).
-fn oldest_supported() -> u32 {
-    MIGRATIONS
-        .first()
-        .map(|m| m.to - 1)
-        .unwrap_or(FORMAT_VERSION)
+/// The oldest version `steps` can upgrade to `current`.
+fn oldest_supported(steps: &[Migration], current: u32) -> u32 {
+    steps.first().map(|m| m.to - 1).unwrap_or(current)
 }
 
 /// Writes the current format version.
@@ -33,9 +30,20 @@ pub(super) fn stamp(db: &sled::Db) -> Result<(), StoreError> {
 
 /// Stamps an empty database, refuses a newer or too old one, upgrades an older one.
 pub(super) fn check_and_upgrade(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+    upgrade_with(db, path, MIGRATIONS, FORMAT_VERSION)
+}
+
+/// [`check_and_upgrade`] with the steps and the current version as parameters, so that
+/// the upgrade chain itself can be tested.
+fn upgrade_with(
+    db: &sled::Db,
+    path: &Path,
+    steps: &[Migration],
+    current: u32,
+) -> Result<(), StoreError> {
     let found = match db.get(VERSION)? {
         None if db.is_empty() => {
-            stamp(db)?;
+            db.insert(VERSION, &current.to_be_bytes())?;
             db.flush()?;
             return Ok(());
         }
@@ -52,21 +60,22 @@ pub(super) fn check_and_upgrade(db: &sled::Db, path: &Path) -> Result<(), StoreE
             })?)
         }
     };
-    if found > FORMAT_VERSION {
+    if found > current {
         return Err(StoreError::NewerFormat {
             path: path.to_path_buf(),
             found,
-            supported: FORMAT_VERSION,
+            supported: current,
         });
     }
-    if found < oldest_supported() {
+    let oldest = oldest_supported(steps, current);
+    if found < oldest {
         return Err(StoreError::OlderFormat {
             path: path.to_path_buf(),
             found,
-            oldest: oldest_supported(),
+            oldest,
         });
     }
-    for step in MIGRATIONS.iter().filter(|m| m.to > found) {
+    for step in steps.iter().filter(|m| m.to > found) {
         tracing::info!(
             from = step.to - 1,
             to = step.to,
@@ -104,6 +113,53 @@ mod tests {
             assert!(text.contains(expected), "{text}");
             assert!(text.contains(&dir.path().display().to_string()), "{text}");
         }
+    }
+
+    #[test]
+    fn older_formats_are_upgraded_one_step_at_a_time_in_order() {
+        fn to_2(db: &sled::Db) -> Result<(), sled::Error> {
+            // Version 2 of this test renames key `a` to `b`.
+            if let Some(v) = db.remove(b"a")? {
+                db.insert(b"b", v)?;
+            }
+            Ok(())
+        }
+        fn to_3(db: &sled::Db) -> Result<(), sled::Error> {
+            // Version 3 needs version 2's `b`.
+            let b = db.get(b"b")?.expect("step 2 ran first");
+            db.insert(b"c", b)?;
+            Ok(())
+        }
+        let steps = [
+            Migration {
+                to: 2,
+                describe: "rename a to b",
+                run: to_2,
+            },
+            Migration {
+                to: 3,
+                describe: "copy b to c",
+                run: to_3,
+            },
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        db.insert(VERSION, &1u32.to_be_bytes()).unwrap();
+        db.insert(b"a", b"data").unwrap();
+        upgrade_with(&db, dir.path(), &steps, 3).unwrap();
+        assert_eq!(
+            db.get(VERSION).unwrap().unwrap().as_ref(),
+            3u32.to_be_bytes()
+        );
+        assert_eq!(db.get(b"a").unwrap(), None);
+        assert_eq!(db.get(b"c").unwrap().unwrap().as_ref(), b"data");
+        // A version older than the first step's source is refused.
+        db.insert(VERSION, &0u32.to_be_bytes()).unwrap();
+        let err = upgrade_with(&db, dir.path(), &steps, 3).unwrap_err();
+        assert!(
+            matches!(err, StoreError::OlderFormat { oldest: 1, .. }),
+            "{err}"
+        );
     }
 
     #[test]
