@@ -717,9 +717,6 @@ async fn at_most_64_receives_wait_on_one_connection() {
 }
 
 #[tokio::test]
-#[ignore = "bug in src/http/ws.rs: a subscription cut off for slowness ends silently; the \
-            socket stays open, the client is never told, and the channel's later messages \
-            are never pushed"]
 async fn a_subscriber_too_slow_to_read_is_told_or_gets_everything() {
     const N: usize = 300;
     let server = Server::start_with(

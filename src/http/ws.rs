@@ -34,6 +34,7 @@ const MAX_PENDING_RECEIVES: usize = 64;
 /// Close codes used by the server.
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_POLICY: u16 = 1008;
 
 /// GET /v1/ws
 pub async fn upgrade(ws: Ws, api: Api) -> Result<Response, Rejection> {
@@ -390,7 +391,7 @@ impl Connection {
         }
         self.reply(request, request.reply("ok")).await;
         let (mut pushes, stop) = subscription::start(&self.api, spec, None).await;
-        self.subscriptions.insert(channel.clone(), stop);
+        self.subscriptions.insert(channel.clone(), stop.clone());
         let outbox = self.outbox.clone();
         let format = request.format;
         tokio::spawn(async move {
@@ -408,8 +409,18 @@ impl Connection {
                         .id("next", gap.next),
                 };
                 if outbox.send(frame(format, &doc)).await.is_err() {
-                    break;
+                    return;
                 }
+            }
+            // Ended without unsubscribe, disconnect or shutdown: the client did not read
+            // for `slow_consumer_secs`. Its messages stay queued and in the replay log;
+            // closing the socket tells it to reconnect and resubscribe with its last id.
+            if !stop.is_cancelled() {
+                let close = Frame::close_with(
+                    CLOSE_POLICY,
+                    "too slow to read; resubscribe with last_event_id",
+                );
+                let _ = outbox.send(close).await;
             }
         });
         Ok(())
