@@ -870,8 +870,17 @@ async fn oversized_messages_are_413_message_too_large() {
         .send()
         .await
         .unwrap();
+    // The body was left unread: the connection closes, and the answer says so, or a
+    // keep-alive client would send its next request on a dead connection.
+    assert_eq!(
+        response
+            .headers()
+            .get("connection")
+            .map(|v| v.to_str().unwrap()),
+        Some("close")
+    );
     assert_error(response, 413, "message_too_large").await;
-    // Under the limit is fine.
+    // Under the limit is fine, on the same client.
     let fits = json!({"type": "big", "pad": "x".repeat(1900)});
     api.send("big", &fits).await;
     assert_eq!(api.receive("big").await.unwrap().1, fits);

@@ -4,7 +4,7 @@ use std::convert::Infallible;
 
 use warp::Rejection;
 use warp::http::StatusCode;
-use warp::http::header::{HeaderValue, RETRY_AFTER};
+use warp::http::header::{CONNECTION, HeaderValue, RETRY_AFTER};
 use warp::reply::Response;
 
 use super::reply::{Doc, Format, respond};
@@ -99,6 +99,13 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.kind == ErrorKind::MessageTooLarge {
+            // The body may be left unread, and then the connection cannot serve another
+            // request: say so, or keep-alive clients reuse it and their next request fails.
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
