@@ -11,6 +11,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use rmpv::Value;
+use serde::Deserialize;
 
 /// Deepest nesting a message may have (the top-level map counts as level 1).
 pub const MAX_DEPTH: usize = 32;
@@ -73,6 +74,11 @@ impl Message {
                 "malformed msgpack: trailing bytes after the message".to_string(),
             ));
         }
+        // rmpv reads the reserved marker 0xc1 as nil; rmp-serde refuses it. Only
+        // well-formed msgpack is stored and handed back to clients.
+        let mut strict = rmp_serde::Deserializer::new(bytes);
+        serde::de::IgnoredAny::deserialize(&mut strict)
+            .map_err(|e| MessageError::Malformed(format!("malformed msgpack: {e}")))?;
         validate(&value)?;
         Ok(Message::trusted(Bytes::copy_from_slice(bytes)))
     }

@@ -19,6 +19,7 @@ pub enum ErrorKind {
     InvalidMessage,
     InvalidBody,
     InvalidParameter,
+    Forbidden,
     NotFound,
     MethodNotAllowed,
     MessageTooLarge,
@@ -36,6 +37,7 @@ impl ErrorKind {
             ErrorKind::InvalidMessage => "invalid_message",
             ErrorKind::InvalidBody => "invalid_body",
             ErrorKind::InvalidParameter => "invalid_parameter",
+            ErrorKind::Forbidden => "forbidden",
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::MessageTooLarge => "message_too_large",
@@ -53,6 +55,7 @@ impl ErrorKind {
             | ErrorKind::InvalidMessage
             | ErrorKind::InvalidBody
             | ErrorKind::InvalidParameter => StatusCode::BAD_REQUEST,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -143,6 +146,8 @@ impl From<MessageError> for ApiError {
 pub async fn handle_rejection(err: Rejection) -> Result<Response, Infallible> {
     let error = if let Some(api) = err.find::<ApiError>() {
         ApiError::new(api.kind, api.message.clone())
+    } else if let Some(e) = err.find::<warp::filters::cors::CorsForbidden>() {
+        ApiError::new(ErrorKind::Forbidden, e.to_string())
     } else if err.is_not_found() {
         ApiError::new(ErrorKind::NotFound, "no such path")
     } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {

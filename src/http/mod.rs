@@ -278,6 +278,9 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
             .unify()
             .with(cors)
             .map(Reply::into_response)
+            // Requests that CORS refuses get the same JSON error body as the rest.
+            .recover(error::handle_rejection)
+            .unify()
             .boxed()
     }
 }
