@@ -268,7 +268,8 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
     } else {
         let mut cors = warp::cors()
             .allow_methods(["GET", "POST", "PUT", "DELETE", "OPTIONS"])
-            .allow_headers(["content-type", "accept", "last-event-id"]);
+            .allow_headers(["content-type", "accept", "last-event-id"])
+            .expose_headers(["retry-after"]);
         cors = if origins.iter().any(|o| o == "*") {
             cors.allow_any_origin()
         } else {
