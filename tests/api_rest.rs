@@ -1064,3 +1064,36 @@ async fn a_long_poll_abandoned_by_its_client_takes_no_message() {
         "the message went to the long-poll of a client that had left"
     );
 }
+
+#[tokio::test]
+async fn cors_allows_listed_origins_and_refuses_others_with_a_json_error() {
+    let server = Server::start_with("[server]\ncors_origins = [\"https://a.example.com\"]\n").await;
+    let http = client();
+    let allowed = http
+        .post(server.url("/v1/channels/cors/messages"))
+        .header("origin", "https://a.example.com")
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.status().as_u16(), 202);
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://a.example.com"
+    );
+    assert_eq!(
+        allowed.headers()["access-control-expose-headers"],
+        "retry-after"
+    );
+    let preflight = http
+        .request(
+            reqwest::Method::OPTIONS,
+            server.url("/v1/channels/cors/messages"),
+        )
+        .header("origin", "https://evil.example.com")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_error(preflight, 403, "forbidden").await;
+}
