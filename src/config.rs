@@ -15,8 +15,12 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// A configuration that could not be read or has a value out of range.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The defaults, the `--config` file or the environment could not be read or parsed
+    /// (missing file, bad TOML, a value of the wrong type, an unknown key).
     #[error("cannot read configuration: {0}")]
     Load(#[from] config::ConfigError),
+    /// A value parsed but is out of range: `key` names the setting (e.g. `layer.capacity`),
+    /// `reason` says what is wrong with it.
     #[error("invalid configuration: {key}: {reason}")]
     Invalid { key: String, reason: String },
 }
@@ -25,8 +29,11 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// `[server]`: listening address, waits, keepalives, connection limits, CORS.
     pub server: ServerSettings,
+    /// `[storage]`: where the database lives and when writes reach the disk.
     pub storage: StorageSettings,
+    /// `[layer]`: message expiry, channel capacity, size limits and replay.
     pub layer: LayerSettings,
 }
 
@@ -34,12 +41,22 @@ pub struct Settings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSettings {
+    /// Address and port to listen on; HTTP, SSE and WebSocket share it.
     pub listen: SocketAddr,
+    /// Longest wait, in seconds, of a long-poll receive (`?wait=S`, WebSocket `receive`);
+    /// larger requested waits are cut to this.
     pub max_wait_secs: u64,
+    /// Seconds between `: keepalive` comments on idle SSE streams.
     pub keepalive_secs: u64,
+    /// Seconds a stream may read nothing while messages wait before it is closed;
+    /// its messages stay queued for the next connection.
     pub slow_consumer_secs: u64,
+    /// Most concurrent connections; past it requests get 503 `unavailable` and SSE
+    /// requests a `retry:` hint and an immediate close.
     pub max_connections: usize,
+    /// Most seconds the server takes to exit after SIGINT/SIGTERM.
     pub shutdown_timeout_secs: u64,
+    /// Origins allowed by CORS (`https://...` origins or `"*"`); empty disables CORS.
     pub cors_origins: Vec<String>,
 }
 
@@ -57,9 +74,15 @@ pub enum Durability {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageSettings {
+    /// Directory of the sled database; created if missing, one server per directory.
     pub data_dir: PathBuf,
+    /// Whether a write is acknowledged after fsync (`sync`) or flushed periodically (`interval`).
     pub durability: Durability,
+    /// Flush period in milliseconds when `durability` is `interval`; a crash may lose
+    /// the acknowledged writes of the last period.
     pub flush_interval_ms: u64,
+    /// How often, in milliseconds, expired messages and lapsed memberships are swept
+    /// from memory and disk.
     pub sweep_interval_ms: u64,
 }
 
@@ -67,14 +90,27 @@ pub struct StorageSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LayerSettings {
+    /// Seconds a message lives after its send; an expired message is never delivered.
     pub expiry_secs: u64,
+    /// Seconds a group membership lasts after its last `group_add`.
     pub group_expiry_secs: u64,
+    /// Most unexpired, unreceived messages a channel holds; a send to a full channel fails
+    /// with `channel_full`, a `group_send` skips it and counts it as `full`.
     pub capacity: usize,
+    /// Largest message, in bytes of its msgpack encoding; larger ones are refused with
+    /// `message_too_large` (Django's channel layer spec asks for at least 1 MiB).
     pub max_message_bytes: usize,
+    /// Seconds a delivered message stays in its channel's replay log for streams resuming
+    /// with Last-Event-ID; 0 means the channel's expiry.
     pub replay_secs: u64,
+    /// Most delivered messages kept per channel for replay; a resuming stream that needs
+    /// older ones gets a `herald.gap` event.
     pub replay_capacity: usize,
+    /// Capacity per channel by shell-style glob on the full channel name; the first
+    /// matching pattern, in config order, wins over `capacity`.
     #[serde(default)]
     pub channel_capacity: IndexMap<String, usize>,
+    /// Expiry in seconds per channel by glob, first match wins over `expiry_secs`.
     #[serde(default)]
     pub channel_expiry: IndexMap<String, u64>,
 }

@@ -9,8 +9,11 @@ use crate::message::Message;
 /// How a body is to be read, from its `Content-Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyKind {
+    /// `application/json`: a JSON object.
     Json,
+    /// `application/msgpack` or `application/x-msgpack`: a msgpack map.
     Msgpack,
+    /// Any other type: UTF-8 text, sent as a `text` message.
     Text,
 }
 

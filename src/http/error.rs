@@ -15,17 +15,29 @@ use crate::store::StoreError;
 /// What kind of failure; each has one code and one status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
+    /// 400 `invalid_name`: a channel or group name breaks the naming rules.
     InvalidName,
+    /// 400 `invalid_message`: the body decodes but is not a valid message (e.g. no string `type`).
     InvalidMessage,
+    /// 400 `invalid_body`: the body or frame cannot be read or decoded (bad JSON, msgpack, UTF-8).
     InvalidBody,
+    /// 400 `invalid_parameter`: a bad query parameter, header or WebSocket request field.
     InvalidParameter,
+    /// 403 `forbidden`: a CORS request from an origin that is not allowed.
     Forbidden,
+    /// 404 `not_found`: no route has this path.
     NotFound,
+    /// 405 `method_not_allowed`: a known path with the wrong method.
     MethodNotAllowed,
+    /// 413 `message_too_large`: the body or message is over `max_message_bytes`.
     MessageTooLarge,
+    /// 429 `channel_full`: the channel already holds its capacity; sent with `Retry-After: 1`.
     ChannelFull,
+    /// 503 `unavailable`: shutting down, at the connection limit, or storage failing.
     Unavailable,
+    /// 507 `storage_full`: the disk is full (or over quota), so the write was refused.
     StorageFull,
+    /// 500 `internal`: an unexpected failure, such as an unhandled rejection or a failed backup.
     Internal,
 }
 
@@ -70,13 +82,16 @@ impl ErrorKind {
 /// An error answer: a kind and a message for a person, free of internals.
 #[derive(Debug)]
 pub struct ApiError {
+    /// What failed; picks the `code` and the HTTP status.
     pub kind: ErrorKind,
+    /// A human-readable explanation, sent as `message`.
     pub message: String,
 }
 
 impl warp::reject::Reject for ApiError {}
 
 impl ApiError {
+    /// An error of `kind` with `message` for the client.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         ApiError {
             kind,

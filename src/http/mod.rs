@@ -28,14 +28,18 @@ use reply::Format;
 /// connection budget and the running subscriptions.
 #[derive(Clone)]
 pub struct Api {
+    /// The channel layer every route calls into.
     pub layer: ChannelLayer,
+    /// The `[server]` settings: waits, keepalives, limits, CORS.
     pub settings: Arc<ServerSettings>,
+    /// Cancelled on SIGINT/SIGTERM, so that waits and streams end and new requests are refused.
     pub shutdown: CancellationToken,
     connections: Arc<Semaphore>,
     streams: Arc<subscription::Registry>,
 }
 
 impl Api {
+    /// The API over `layer`, with a connection budget of `settings.max_connections`.
     pub fn new(layer: ChannelLayer, settings: ServerSettings, shutdown: CancellationToken) -> Self {
         Api {
             layer,

@@ -15,7 +15,9 @@ use crate::message::{Message, value_to_json};
 /// The encoding of a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// `application/json`, the default.
     Json,
+    /// `application/msgpack`, when the `Accept` header asks for it.
     Msgpack,
 }
 
@@ -41,12 +43,19 @@ impl Format {
 /// One value in a document.
 #[derive(Debug, Clone)]
 pub enum Field {
+    /// A string.
     Str(String),
+    /// A message id, written as a decimal string so JSON keeps its precision.
     Id(u64),
+    /// A number.
     Count(usize),
+    /// An array of strings.
     Strings(Vec<String>),
+    /// A message, embedded as its cached JSON text or msgpack bytes.
     Message(Arc<Message>),
+    /// Any msgpack value, converted to JSON for JSON output.
     Value(Value),
+    /// A nested document.
     Doc(Doc),
 }
 
@@ -55,31 +64,38 @@ pub enum Field {
 pub struct Doc(Vec<(&'static str, Field)>);
 
 impl Doc {
+    /// An empty document.
     pub fn new() -> Self {
         Doc(Vec::new())
     }
 
+    /// Appends `key` with `field`; keys are written in the order added.
     pub fn field(mut self, key: &'static str, field: Field) -> Self {
         self.0.push((key, field));
         self
     }
 
+    /// Appends a string field.
     pub fn str(self, key: &'static str, value: &str) -> Self {
         self.field(key, Field::Str(value.to_string()))
     }
 
+    /// Appends a message id, written as a decimal string.
     pub fn id(self, key: &'static str, id: u64) -> Self {
         self.field(key, Field::Id(id))
     }
 
+    /// Appends a number field.
     pub fn count(self, key: &'static str, n: usize) -> Self {
         self.field(key, Field::Count(n))
     }
 
+    /// Appends a message, embedded without re-encoding.
     pub fn message(self, key: &'static str, message: Arc<Message>) -> Self {
         self.field(key, Field::Message(message))
     }
 
+    /// Appends a nested document.
     pub fn doc(self, key: &'static str, doc: Doc) -> Self {
         self.field(key, Field::Doc(doc))
     }

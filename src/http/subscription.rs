@@ -25,7 +25,9 @@ use crate::message::Message;
 /// What a subscription pushes to its client.
 #[derive(Debug, Clone)]
 pub enum Push {
+    /// A delivered message and its id (the SSE event id a client resumes from).
     Message { id: u64, message: Arc<Message> },
+    /// Messages a resuming client needed are no longer in the replay log (`herald.gap`).
     Gap(Gap),
 }
 
@@ -38,7 +40,9 @@ const RECEIVE_SLICE: Duration = Duration::from_secs(300);
 /// What to subscribe to.
 #[derive(Debug, Clone)]
 pub struct Spec {
+    /// The channel whose messages the subscription delivers.
     pub channel: String,
+    /// The last id the client saw (Last-Event-ID): replay what came after it first.
     pub last_event_id: Option<u64>,
     /// Groups whose membership the subscription keeps fresh while it runs.
     pub groups: Vec<String>,

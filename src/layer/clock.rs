@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Milliseconds since the Unix epoch. Expiry is wall-clock so that messages that
 /// expired while the server was down are gone after a restart.
 pub trait Clock: Send + Sync + 'static {
+    /// The current time, in milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
 }
 

@@ -35,16 +35,22 @@ use state::{Channel, Entry, Membership, State, Waiter};
 /// Why a layer operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A channel, group or prefix name breaks the naming rules; the string says how.
     #[error("{0}")]
     InvalidName(String),
+    /// The message is malformed or not a valid channel-layer message.
     #[error("{0}")]
     InvalidMessage(#[from] MessageError),
+    /// The message's msgpack encoding (`size` bytes) is over `max_message_bytes` (`limit`).
     #[error("message is {size} bytes, over the limit of {limit} bytes")]
     MessageTooLarge { size: usize, limit: usize },
+    /// A send found `channel` already holding its `capacity` of pending messages.
     #[error("channel {channel} is full ({capacity} messages pending)")]
     ChannelFull { channel: String, capacity: usize },
+    /// The store failed to read or write (including a full disk).
     #[error(transparent)]
     Storage(#[from] StoreError),
+    /// The layer settings are invalid (e.g. a bad per-channel glob) when opening.
     #[error(transparent)]
     Config(#[from] ConfigError),
 }
@@ -52,7 +58,9 @@ pub enum Error {
 /// A message taken off a channel.
 #[derive(Debug, Clone)]
 pub struct Delivery {
+    /// The message's id, from the store's global sequence; increases within a channel.
     pub id: u64,
+    /// The message itself.
     pub message: Arc<Message>,
 }
 
@@ -71,45 +79,60 @@ pub struct GroupSendReport {
 pub struct Replay {
     /// Set when messages after the requested id were lost (expired or out of the log).
     pub gap: Option<Gap>,
+    /// The delivered messages after the requested id still in the replay log, oldest first.
     pub deliveries: Vec<Delivery>,
 }
 
 /// Messages after `after` are missing; the first one still available is `next`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gap {
+    /// The id the stream resumed after.
     pub after: u64,
+    /// The id of the first message still available after the gap.
     pub next: u64,
 }
 
 /// One channel as seen by introspection.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ChannelInfo {
+    /// The channel's name.
     pub name: String,
+    /// Unexpired messages waiting to be received.
     pub pending: usize,
+    /// Receives currently waiting on the channel for a message.
     pub receivers_waiting: usize,
 }
 
 /// One group and its current members.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct GroupInfo {
+    /// The group's name.
     pub name: String,
+    /// The channels whose membership has not lapsed.
     pub members: Vec<String>,
 }
 
 /// Totals for a console or metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
+    /// Channels that hold messages or have receivers waiting.
     pub channels: usize,
+    /// Unexpired messages waiting in all channels.
     pub pending_messages: usize,
+    /// Groups with at least one member.
     pub groups: usize,
+    /// Current group memberships, summed over all groups.
     pub memberships: usize,
+    /// Size of the database on disk, in bytes.
     pub disk_bytes: u64,
 }
 
 /// What a sweep removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
+    /// Message records deleted from disk, sent longer ago than the longest expiry or replay time.
     pub messages_deleted: usize,
+    /// Group memberships that passed `group_expiry_secs` since their last group_add.
     pub memberships_lapsed: usize,
 }
 
