@@ -1,7 +1,7 @@
 # Herald: the two commands a newcomer needs are `make run` and `make test`.
 CARGO ?= cargo
 
-.PHONY: run test lint bench bench-compare clean
+.PHONY: run test soak lint bench bench-compare clean
 
 ## Build (release) and serve on 127.0.0.1:8080 with ./data, using the built-in config.
 run:
@@ -10,6 +10,11 @@ run:
 ## Every test: unit, layer (model-based, concurrency, restart) and real-server integration tests.
 test:
 	$(CARGO) test
+
+## Long runs (release): 10 minutes of constant load whose memory and disk must level
+## off (tests/soak.rs), then 200 SIGKILL/restart cycles under load (tests/crash.rs).
+soak:
+	HERALD_SOAK_SECS=600 HERALD_CRASH_CYCLES=200 $(CARGO) test --release --test soak --test crash -- --nocapture
 
 ## What CI checks besides the tests.
 lint:
