@@ -127,13 +127,29 @@ fn load(
 fn serve(settings: Settings) -> Result<(), String> {
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let layer = server::open_layer(&settings)
-            .await
-            .map_err(|e| e.to_string())?;
+        // sled asserts on some damaged files: while opening, a panic is one line of
+        // stderr (the error that follows says what to do), not a backtrace.
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|info| {
+            let place = info
+                .location()
+                .map(|l| format!(" ({}:{})", l.file(), l.line()))
+                .unwrap_or_default();
+            eprintln!(
+                "herald: internal error while opening the data directory: {}{place}",
+                server::panic_message(info.payload())
+            );
+        }));
+        let layer = server::open_layer(&settings).await;
+        std::panic::set_hook(default_hook);
+        let layer = layer.map_err(|e| e.to_string())?;
         let listener = tokio::net::TcpListener::bind(settings.server.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", settings.server.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        // Before announcing the address: a SIGTERM right after it shuts down cleanly.
+        let shutdown =
+            server::signal().map_err(|e| format!("cannot install signal handlers: {e}"))?;
         tracing::info!(
             %addr,
             data_dir = %settings.storage.data_dir.display(),
@@ -141,7 +157,7 @@ fn serve(settings: Settings) -> Result<(), String> {
             "herald is serving"
         );
         println!("herald listening on http://{addr}");
-        server::run(settings, layer, listener, server::signal()).await;
+        server::run(settings, layer, listener, shutdown).await;
         Ok(())
     })
 }

@@ -2,27 +2,60 @@
 //! the background, and on the shutdown signal stop accepting, end streams, finish
 //! in-flight requests and flush, within `server.shutdown_timeout_secs`.
 
+use std::any::Any;
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::http::{self, Api};
 use crate::layer::clock::SystemClock;
 use crate::layer::{self, ChannelLayer};
+use crate::store::StoreError;
 
 /// Opens the channel layer described by `settings` (blocking work, done off the runtime).
+/// A panic while opening (sled asserts on some damaged files) becomes an error that
+/// names the data directory.
 pub async fn open_layer(settings: &Settings) -> Result<ChannelLayer, layer::Error> {
     let layer_settings = settings.layer.clone();
     let storage = settings.storage.clone();
+    let data_dir = storage.data_dir.clone();
     tokio::task::spawn_blocking(move || {
         ChannelLayer::open(&layer_settings, &storage, Arc::new(SystemClock))
     })
     .await
-    .expect("opening the layer does not panic")
+    .unwrap_or_else(|e| Err(open_failed(&data_dir, e)))
+}
+
+/// The error for an open that panicked (or was cancelled).
+fn open_failed(data_dir: &Path, e: JoinError) -> layer::Error {
+    let detail = match e.try_into_panic() {
+        Ok(payload) => format!(
+            "the storage library failed while reading it: {}",
+            panic_message(payload.as_ref())
+        ),
+        Err(e) => format!("opening it did not finish: {e}"),
+    };
+    StoreError::Corrupt {
+        path: data_dir.to_path_buf(),
+        detail,
+    }
+    .into()
+}
+
+/// The text of a panic payload, on one line.
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Serves `layer` on `listener` until `shutdown` completes, then shuts down gracefully.
@@ -84,12 +117,37 @@ async fn sweep(layer: ChannelLayer, every: Duration, stop: CancellationToken) {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub async fn signal() {
+/// Completes on SIGINT or SIGTERM. The handlers are installed by the call, so that a
+/// signal that comes before the future is first polled still counts.
+pub fn signal() -> std::io::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_while_opening_names_the_data_dir() {
+        let join = tokio::task::spawn_blocking(|| -> () {
+            std::panic::panic_any(String::from("duplicate segment\n  left: 1\n right: 2"))
+        })
+        .await
+        .expect_err("the task panics");
+        let text = open_failed(Path::new("/var/lib/herald"), join).to_string();
+        assert!(text.contains("/var/lib/herald"), "{text}");
+        assert!(text.contains("restore it from a backup"), "{text}");
+        assert!(
+            text.contains("duplicate segment left: 1 right: 2"),
+            "{text}"
+        );
     }
 }

@@ -23,7 +23,7 @@ fn oldest_supported(steps: &[Migration], current: u32) -> u32 {
 }
 
 /// Writes the current format version.
-pub(super) fn stamp(db: &sled::Db) -> Result<(), StoreError> {
+pub(super) fn stamp(db: &sled::Db) -> sled::Result<()> {
     db.insert(VERSION, &FORMAT_VERSION.to_be_bytes())?;
     Ok(())
 }
@@ -41,7 +41,7 @@ fn upgrade_with(
     steps: &[Migration],
     current: u32,
 ) -> Result<(), StoreError> {
-    let found = match db.get(VERSION)? {
+    let found = match db.get(VERSION).map_err(|e| super::read_error(path, e))? {
         None if db.is_empty() => {
             db.insert(VERSION, &current.to_be_bytes())?;
             db.flush()?;

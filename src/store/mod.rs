@@ -7,6 +7,7 @@
 //! The store knows nothing of HTTP.
 
 pub mod dump;
+mod handle;
 pub mod keys;
 mod migrate;
 pub mod record;
@@ -22,6 +23,7 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
 
 use crate::config::Durability;
+use handle::{Failure, Handle};
 
 pub use migrate::MIGRATIONS;
 
@@ -63,10 +65,18 @@ pub enum StoreError {
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         match e {
-            sled::Error::Io(io) if io.raw_os_error() == Some(28) => StoreError::Full,
+            sled::Error::Io(io) if is_full(&io) => StoreError::Full,
             e => StoreError::Io(e.to_string()),
         }
     }
+}
+
+/// Whether `e` says the disk (or the quota) is full. sled hands out its stored write
+/// error as a copy that keeps the kind but not the OS error number.
+fn is_full(e: &io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    e.kind() == io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
 }
 
 /// A write's place in the flush order; see [`Store::commit`].
@@ -76,11 +86,23 @@ pub struct Ticket(u64);
 /// What the flusher has made durable so far.
 #[derive(Debug, Clone, Default)]
 struct Flushed {
-    /// Every write with a ticket at or below this is on disk.
+    /// Every write with a ticket at or below this is on disk, unless it is `lost`.
     upto: u64,
     /// Writes at or below this were covered by a flush that failed.
     failed_upto: u64,
-    error: Option<String>,
+    error: Option<Failure>,
+    /// Tickets `(after, upto]` of writes that were still in memory when their
+    /// database was closed to be reopened (see [`handle`]): never durable.
+    lost: Vec<(u64, u64, Failure)>,
+}
+
+impl Flushed {
+    fn lost(&self, ticket: u64) -> Option<&Failure> {
+        self.lost
+            .iter()
+            .find(|(after, upto, _)| *after < ticket && ticket <= *upto)
+            .map(|(_, _, failure)| failure)
+    }
 }
 
 struct Flusher {
@@ -95,11 +117,12 @@ struct Flusher {
 
 /// The sled database with its flusher.
 pub struct Store {
-    db: sled::Db,
+    db: Arc<Handle>,
     path: PathBuf,
     durability: Durability,
     flusher: Arc<Flusher>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    healer: Mutex<Option<JoinHandle<()>>>,
     /// Added to sled's id generator: set once by an import so that new ids follow the
     /// imported ones.
     id_floor: u64,
@@ -126,11 +149,17 @@ impl Store {
             Durability::Sync => None,
             Durability::Interval => Some(flush_interval.as_millis().max(1) as u64),
         };
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(flush_every)
-            .open()
-            .map_err(|e| open_error(path, e))?;
+        let config = sled::Config::new().path(path).flush_every_ms(flush_every);
+        let had_data = holds_sled_data(path);
+        let db = config.open().map_err(|e| open_error(path, e))?;
+        if had_data && db.is_empty() {
+            // sled starts empty from a log it cannot read at all (truncated, deleted,
+            // overwritten at the start): never serve that as a new, empty store.
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: "its database files are there, but sled recovered no data from them".into(),
+            });
+        }
         migrate::check_and_upgrade(&db, path)?;
 
         let (flushed, _) = watch::channel(Flushed::default());
@@ -141,24 +170,35 @@ impl Store {
             stop: AtomicBool::new(false),
             flushed,
         });
-        let thread = (durability == Durability::Sync).then(|| {
-            let db = db.clone();
-            let flusher = flusher.clone();
-            std::thread::Builder::new()
-                .name("herald-flusher".into())
-                .spawn(move || flusher.run(&db))
-                .expect("spawning the flusher thread")
-        });
         let id_floor = db
             .get(keys::ID_FLOOR)?
             .and_then(|v| keys::decode_u64(&v))
             .unwrap_or(0);
+        let db = Handle::new(path, config, db);
+        let spawn_failed = |e: io::Error| StoreError::Io(format!("starting a thread: {e}"));
+        let thread = match durability {
+            Durability::Sync => {
+                let db = db.clone();
+                let flusher = flusher.clone();
+                let thread = std::thread::Builder::new()
+                    .name("herald-flusher".into())
+                    .spawn(move || flusher.run(&db))
+                    .map_err(spawn_failed)?;
+                Some(thread)
+            }
+            Durability::Interval => None,
+        };
+        let lose = flusher.clone();
+        let healer = db
+            .spawn_healer(move |failure| lose.lose_unflushed(failure))
+            .map_err(spawn_failed)?;
         Ok(Store {
             db,
             path: path.to_path_buf(),
             durability,
             flusher,
             thread: Mutex::new(thread),
+            healer: Mutex::new(Some(healer)),
             id_floor,
         })
     }
@@ -175,26 +215,32 @@ impl Store {
 
     /// Reads one key.
     pub fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
-        Ok(self.db.get(key)?)
+        self.db.get(key)
     }
 
     /// Writes one key.
     pub fn insert(&self, key: &[u8], value: &[u8]) -> Result<Ticket, StoreError> {
-        self.db.insert(key, value)?;
-        Ok(self.written())
+        self.db.write(|db| {
+            db.insert(key, value)?;
+            Ok(self.written())
+        })
     }
 
     /// Applies a batch atomically.
     pub fn apply(&self, batch: sled::Batch) -> Result<Ticket, StoreError> {
-        self.db.apply_batch(batch)?;
-        Ok(self.written())
+        self.db.write(|db| {
+            db.apply_batch(batch)?;
+            Ok(self.written())
+        })
     }
 
     /// Deletes everything but the format version.
     pub fn clear(&self) -> Result<Ticket, StoreError> {
-        self.db.clear()?;
-        migrate::stamp(&self.db)?;
-        Ok(self.written())
+        self.db.write(|db| {
+            db.clear()?;
+            migrate::stamp(db)?;
+            Ok(self.written())
+        })
     }
 
     fn written(&self) -> Ticket {
@@ -207,21 +253,23 @@ impl Store {
         if self.durability == Durability::Interval {
             return Ok(());
         }
+        let settled = |f: &Flushed| f.upto >= ticket.0 || f.failed_upto >= ticket.0;
         let mut rx = self.flusher.flushed.subscribe();
-        if rx.borrow().upto >= ticket.0 {
-            return Ok(());
+        if !settled(&rx.borrow()) {
+            self.flusher.request();
         }
-        self.flusher.request();
         let state = rx
-            .wait_for(|f| f.upto >= ticket.0 || f.failed_upto >= ticket.0)
+            .wait_for(settled)
             .await
             .map_err(|_| StoreError::Io("the store is closed".into()))?;
-        if state.upto >= ticket.0 {
+        if let Some(failure) = state.lost(ticket.0) {
+            Err(failure.to_error())
+        } else if state.upto >= ticket.0 {
             Ok(())
         } else {
-            Err(match state.error.as_deref() {
-                Some(e) if e.contains("No space left") => StoreError::Full,
-                e => StoreError::Io(e.unwrap_or("flush failed").to_string()),
+            Err(match &state.error {
+                Some(failure) => failure.to_error(),
+                None => StoreError::Io("flush failed".into()),
             })
         }
     }
@@ -245,9 +293,7 @@ impl Store {
         &self,
         prefix: &[u8],
     ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + use<> {
-        self.db
-            .scan_prefix(prefix)
-            .map(|r| r.map_err(StoreError::from))
+        iterate(&self.path, self.db.db().map(|db| db.scan_prefix(prefix)))
     }
 
     /// Entries in `[from, to)`, in key order.
@@ -256,9 +302,10 @@ impl Store {
         from: &[u8],
         to: &[u8],
     ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + use<> {
-        self.db
-            .range(from.to_vec()..to.to_vec())
-            .map(|r| r.map_err(StoreError::from))
+        iterate(
+            &self.path,
+            self.db.db().map(|db| db.range(from.to_vec()..to.to_vec())),
+        )
     }
 
     /// Bytes the database takes on disk.
@@ -267,8 +314,29 @@ impl Store {
     }
 }
 
+/// The entries of `iter`, or its error as the only item.
+fn iterate(
+    path: &Path,
+    iter: Result<sled::Iter, StoreError>,
+) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + use<> {
+    let path = path.to_path_buf();
+    let (iter, error) = match iter {
+        Ok(iter) => (Some(iter), None),
+        Err(e) => (None, Some(Err(e))),
+    };
+    error.into_iter().chain(
+        iter.into_iter()
+            .flatten()
+            .map(move |r| r.map_err(|e| read_error(&path, e))),
+    )
+}
+
 impl Drop for Store {
     fn drop(&mut self) {
+        self.db.stop();
+        if let Some(thread) = self.healer.lock().take() {
+            let _ = thread.join();
+        }
         self.flusher.stop.store(true, Ordering::SeqCst);
         self.flusher.request();
         if let Some(thread) = self.thread.lock().take() {
@@ -289,8 +357,21 @@ impl Flusher {
         }
     }
 
+    /// Marks every write not yet on disk as lost: its database is being closed (the
+    /// caller holds off every other store operation meanwhile).
+    fn lose_unflushed(&self, failure: &Failure) {
+        let written = self.written.load(Ordering::SeqCst);
+        self.flushed.send_modify(|f| {
+            if written > f.upto {
+                f.lost.push((f.upto, written, failure.clone()));
+                f.failed_upto = f.failed_upto.max(written);
+                f.error = Some(failure.clone());
+            }
+        });
+    }
+
     /// The flusher thread: one flush at a time, each covering every write before it.
-    fn run(&self, db: &sled::Db) {
+    fn run(&self, db: &Handle) {
         loop {
             {
                 let mut pending = self.pending.lock();
@@ -309,7 +390,7 @@ impl Flusher {
                 Err(e) => {
                     tracing::error!(error = %e, "flush failed");
                     f.failed_upto = f.failed_upto.max(target);
-                    f.error = Some(e.to_string());
+                    f.error = Some(Failure::of(&e));
                 }
             });
             if self.stop.load(Ordering::SeqCst) {
@@ -329,7 +410,11 @@ fn open_error(path: &Path, e: sled::Error) -> StoreError {
                 path: path.to_path_buf(),
             }
         }
-        sled::Error::Corruption { .. } | sled::Error::Unsupported(_) => StoreError::Corrupt {
+        sled::Error::Corruption { at, .. } => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: corruption(at),
+        },
+        sled::Error::Unsupported(_) => StoreError::Corrupt {
             path: path.to_path_buf(),
             detail: e.to_string(),
         },
@@ -339,6 +424,40 @@ fn open_error(path: &Path, e: sled::Error) -> StoreError {
         },
         e => StoreError::Io(e.to_string()),
     }
+}
+
+/// An error of a read: damaged or missing data names the data directory.
+fn read_error(path: &Path, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Corruption { at, .. } => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: corruption(at),
+        },
+        // sled's only files besides its log are blobs (large values).
+        sled::Error::Io(io) if io.kind() == io::ErrorKind::NotFound => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("a file of the database is missing: {io}"),
+        },
+        e => StoreError::from(e),
+    }
+}
+
+fn corruption(at: Option<sled::DiskPtr>) -> String {
+    match at {
+        Some(at) => format!("sled read corrupted data at {at:?}"),
+        None => "sled found corrupted data".into(),
+    }
+}
+
+/// Whether sled has written to `path` before: its log, its settings or a snapshot.
+fn holds_sled_data(path: &Path) -> bool {
+    let db_len = std::fs::metadata(path.join("db")).map_or(0, |m| m.len());
+    let snapshot = std::fs::read_dir(path).is_ok_and(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().starts_with("snap."))
+    });
+    db_len > 0 || snapshot || path.join("conf").exists()
 }
 
 #[cfg(test)]
@@ -370,6 +489,21 @@ mod tests {
             .expect("second open must fail");
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
         assert!(err.to_string().contains(&dir.path().display().to_string()));
+    }
+
+    #[test]
+    fn a_full_disk_is_full_also_in_the_copy_sled_hands_out_later() {
+        let enospc = sled::Error::Io(io::Error::from_raw_os_error(28));
+        // sled keeps the first write error and returns clones of it, which keep the
+        // kind but not the OS error number.
+        let copy = enospc.clone();
+        assert!(matches!(copy, sled::Error::Io(ref e) if e.raw_os_error().is_none()));
+        assert!(matches!(StoreError::from(enospc), StoreError::Full));
+        assert!(matches!(StoreError::from(copy), StoreError::Full));
+        let quota = sled::Error::Io(io::Error::from_raw_os_error(122));
+        assert!(matches!(StoreError::from(quota), StoreError::Full));
+        let other = sled::Error::Io(io::Error::from_raw_os_error(5));
+        assert!(matches!(StoreError::from(other), StoreError::Io(_)));
     }
 
     #[test]
