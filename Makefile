@@ -9,7 +9,7 @@ run:
 
 ## Every test: unit, layer (model-based, concurrency, restart) and real-server integration tests.
 test:
-	$(CARGO) test
+	$(CARGO) test --lib --bins --tests
 
 ## Long runs (release): 10 minutes of constant load whose memory and disk must level
 ## off (tests/soak.rs), then 200 SIGKILL/restart cycles under load (tests/crash.rs).

@@ -691,22 +691,29 @@ impl Inner {
     /// crash in between delivers it again rather than losing it with its answer.
     fn write_cursors(&self, state: &mut State, all: bool) -> Result<(), Error> {
         let mut batch = sled::Batch::default();
-        let mut any = false;
-        for (name, ch) in &mut state.channels {
+        let mut written = Vec::new();
+        for (name, ch) in &state.channels {
             let target = if all { ch.taken_upto } else { ch.cursor_staged };
             if target > ch.cursor_on_disk {
                 batch.insert(
                     keys::cursor(name).as_slice(),
                     keys::encode_u64(target).as_slice(),
                 );
-                ch.cursor_on_disk = target;
-                any = true;
+                written.push((name.clone(), target));
             }
-            ch.cursor_staged = ch.taken_upto;
         }
-        if any {
+        if !written.is_empty() {
             self.store.apply(batch)?;
             self.store.flush_soon();
+        }
+        // Only what was written counts as on disk; a failed write is retried next sweep.
+        for (name, target) in written {
+            if let Some(ch) = state.channels.get_mut(&name) {
+                ch.cursor_on_disk = target;
+            }
+        }
+        for ch in state.channels.values_mut() {
+            ch.cursor_staged = ch.taken_upto;
         }
         Ok(())
     }
