@@ -453,47 +453,27 @@ async fn invalid_channel_and_group_names_are_400_invalid_name() {
         long.as_str(),
     ];
     for channel in bad_channels {
-        let response = http
-            .post(server.url(&format!("/v1/channels/{channel}/messages")))
-            .json(&msg(1))
-            .send()
-            .await
-            .unwrap();
-        assert_error(response, 400, "invalid_name").await;
-        let response = http
-            .get(server.url(&format!("/v1/channels/{channel}/messages")))
-            .send()
-            .await
-            .unwrap();
-        assert_error(response, 400, "invalid_name").await;
-        let response = http
-            .put(server.url(&format!("/v1/groups/g/channels/{channel}")))
-            .send()
-            .await
-            .unwrap();
-        assert_error(response, 400, "invalid_name").await;
+        let requests = [
+            http.post(server.url(&format!("/v1/channels/{channel}/messages")))
+                .json(&msg(1)),
+            http.get(server.url(&format!("/v1/channels/{channel}/messages"))),
+            http.put(server.url(&format!("/v1/groups/g/channels/{channel}"))),
+        ];
+        for request in requests {
+            assert_error(request.send().await.unwrap(), 400, "invalid_name").await;
+        }
     }
     let long_group = "g".repeat(100);
     for group in ["a%21b", "a%20b", "x%21", long_group.as_str()] {
-        let response = http
-            .put(server.url(&format!("/v1/groups/{group}/channels/c")))
-            .send()
-            .await
-            .unwrap();
-        assert_error(response, 400, "invalid_name").await;
-        let response = http
-            .post(server.url(&format!("/v1/groups/{group}/messages")))
-            .json(&msg(1))
-            .send()
-            .await
-            .unwrap();
-        assert_error(response, 400, "invalid_name").await;
-        let response = http
-            .get(server.url(&format!("/v1/groups/{group}/channels")))
-            .send()
-            .await
-            .unwrap();
-        assert_error(response, 400, "invalid_name").await;
+        let requests = [
+            http.put(server.url(&format!("/v1/groups/{group}/channels/c"))),
+            http.post(server.url(&format!("/v1/groups/{group}/messages")))
+                .json(&msg(1)),
+            http.get(server.url(&format!("/v1/groups/{group}/channels"))),
+        ];
+        for request in requests {
+            assert_error(request.send().await.unwrap(), 400, "invalid_name").await;
+        }
     }
     // 99 bytes is still fine.
     let api = Api::new(&server);

@@ -374,36 +374,28 @@ impl Api {
     }
 
     pub async fn group_add(&self, group: &str, channel: &str) {
-        let response = within(
-            T,
-            "group_add",
-            self.http
-                .put(self.url(&format!("/v1/groups/{group}/channels/{channel}")))
-                .send(),
-        )
-        .await
-        .expect("group_add request");
-        assert_eq!(
-            response.status().as_u16(),
-            204,
-            "group_add {group} {channel}"
-        );
+        self.membership(reqwest::Method::PUT, group, channel).await;
     }
 
     pub async fn group_discard(&self, group: &str, channel: &str) {
+        self.membership(reqwest::Method::DELETE, group, channel)
+            .await;
+    }
+
+    /// PUT (group_add) or DELETE (group_discard) a membership; panics unless 204.
+    async fn membership(&self, method: reqwest::Method, group: &str, channel: &str) {
+        let url = self.url(&format!("/v1/groups/{group}/channels/{channel}"));
         let response = within(
             T,
-            "group_discard",
-            self.http
-                .delete(self.url(&format!("/v1/groups/{group}/channels/{channel}")))
-                .send(),
+            "membership request",
+            self.http.request(method.clone(), url).send(),
         )
         .await
-        .expect("group_discard request");
+        .expect("membership request");
         assert_eq!(
             response.status().as_u16(),
             204,
-            "group_discard {group} {channel}"
+            "{method} membership {group} {channel}"
         );
     }
 
