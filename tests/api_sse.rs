@@ -17,15 +17,7 @@ fn events_url(server: &Server, channel: &str) -> String {
 }
 
 fn seed() -> u64 {
-    let seed = std::env::var("HERALD_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = common::seed_from_env("HERALD_TEST_SEED");
     eprintln!("seed: {seed} (set HERALD_TEST_SEED to repeat)");
     seed
 }

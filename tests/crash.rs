@@ -59,18 +59,6 @@ fn split_key(key: &str) -> (&str, u64) {
     (publisher, seq.parse().unwrap())
 }
 
-fn seed() -> u64 {
-    std::env::var("HERALD_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-}
-
 fn cycles() -> usize {
     std::env::var("HERALD_CRASH_CYCLES")
         .ok()
@@ -324,7 +312,7 @@ struct Mode {
 }
 
 async fn run(mode: Mode) {
-    let seed = seed();
+    let seed = common::seed_from_env("HERALD_CRASH_SEED");
     let cycles = cycles();
     println!("crash test: HERALD_CRASH_SEED={seed} HERALD_CRASH_CYCLES={cycles}");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -338,13 +326,9 @@ async fn run(mode: Mode) {
 
     let mut server = Server::start_in(work.clone(), mode.config).await;
     let http = client();
+    let api = common::Api::new(&server);
     for member in MEMBERS {
-        let r = http
-            .put(server.url(&format!("/v1/groups/{GROUP}/channels/{member}")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 204);
+        api.group_add(GROUP, member).await;
     }
     for cycle in 0..cycles {
         if cycle > 0 {

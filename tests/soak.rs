@@ -348,12 +348,7 @@ async fn memory_and_disk_stay_bounded_under_constant_load() {
     api.assert_healthy().await;
     let http = client();
     for member in MEMBERS {
-        let r = http
-            .put(server.url(&format!("/v1/groups/{GROUP}/channels/{member}")))
-            .send()
-            .await
-            .expect("group_add request");
-        assert_eq!(r.status().as_u16(), 204, "group_add {member}");
+        api.group_add(GROUP, member).await;
     }
 
     let counts = Arc::new(Counts::default());
