@@ -77,6 +77,18 @@ fn next_key(publisher: &str, seq: &Mutex<u64>, rec: &Shared) -> String {
     key
 }
 
+/// POSTs the message `key` as JSON; `None` (after a short pause) when the server is
+/// unreachable, as it is around a kill.
+async fn post(http: &reqwest::Client, url: &str, key: &str) -> Option<reqwest::Response> {
+    match http.post(url).json(&message(key)).send().await {
+        Ok(response) => Some(response),
+        Err(_) => {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            None
+        }
+    }
+}
+
 /// Publishes to `channel` over HTTP until stopped.
 async fn http_publisher(
     base: String,
@@ -90,21 +102,22 @@ async fn http_publisher(
     let http = client();
     while !stop.is_cancelled() {
         let key = next_key(&name, &seq, &rec);
-        let sent = http
-            .post(format!("{base}/v1/channels/{channel}/messages"))
-            .json(&message(&key))
-            .send()
-            .await;
-        match sent {
-            Ok(r) if r.status().as_u16() == 202 => {
+        match post(
+            &http,
+            &format!("{base}/v1/channels/{channel}/messages"),
+            &key,
+        )
+        .await
+        {
+            Some(r) if r.status().as_u16() == 202 => {
                 rec.lock().acked.entry(channel.into()).or_default().push((
                     key,
                     Instant::now(),
                     cycle,
                 ));
             }
-            Ok(r) => panic!("send answered {}", r.status()),
-            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Some(r) => panic!("send answered {}", r.status()),
+            None => {}
         }
     }
 }
@@ -120,13 +133,7 @@ async fn group_publisher(
     let http = client();
     while !stop.is_cancelled() {
         let key = next_key("group", &seq, &rec);
-        let sent = http
-            .post(format!("{base}/v1/groups/{GROUP}/messages"))
-            .json(&message(&key))
-            .send()
-            .await;
-        let Ok(r) = sent else {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let Some(r) = post(&http, &format!("{base}/v1/groups/{GROUP}/messages"), &key).await else {
             continue;
         };
         assert_eq!(r.status().as_u16(), 202);

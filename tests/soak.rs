@@ -110,6 +110,33 @@ fn ticker(rate: f64) -> tokio::time::Interval {
     ticks
 }
 
+/// POSTs `body` as JSON: the status and JSON answer, or `None` after counting the
+/// failure as `what`.
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    body: &Json,
+    counts: &Counts,
+    what: &str,
+) -> Option<(u16, Json)> {
+    match http
+        .post(url)
+        .timeout(REQUEST_TIMEOUT)
+        .json(body)
+        .send()
+        .await
+    {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            Some((status, response.json().await.unwrap_or(Json::Null)))
+        }
+        Err(e) => {
+            counts.fail(format!("{what}: {e}"));
+            None
+        }
+    }
+}
+
 /// Sends to `CHANNELS[index % 3]` at `CHANNEL_RATE` until `deadline`.
 async fn channel_publisher(base: String, index: usize, counts: Arc<Counts>, deadline: Instant) {
     let http = client();
@@ -121,21 +148,12 @@ async fn channel_publisher(base: String, index: usize, counts: Arc<Counts>, dead
     while Instant::now() < deadline {
         ticks.tick().await;
         n += 1;
-        let sent = http
-            .post(format!("{base}/v1/channels/{channel}/messages"))
-            .timeout(REQUEST_TIMEOUT)
-            .json(&message(&name, n))
-            .send()
-            .await;
-        let response = match sent {
-            Ok(r) => r,
-            Err(e) => {
-                counts.fail(format!("send to {channel}: {e}"));
-                continue;
-            }
+        let url = format!("{base}/v1/channels/{channel}/messages");
+        let what = format!("send to {channel}");
+        let Some((status, body)) = post(&http, &url, &message(&name, n), &counts, &what).await
+        else {
+            continue;
         };
-        let status = response.status().as_u16();
-        let body: Json = response.json().await.unwrap_or(Json::Null);
         match status {
             202 if body["channel"] == channel && body["id"].is_string() => {
                 counts.published[queue].fetch_add(1, Ordering::Relaxed);
@@ -157,21 +175,12 @@ async fn group_publisher(base: String, index: usize, counts: Arc<Counts>, deadli
     while Instant::now() < deadline {
         ticks.tick().await;
         n += 1;
-        let sent = http
-            .post(format!("{base}/v1/groups/{GROUP}/messages"))
-            .timeout(REQUEST_TIMEOUT)
-            .json(&message(&name, n))
-            .send()
-            .await;
-        let response = match sent {
-            Ok(r) => r,
-            Err(e) => {
-                counts.fail(format!("group_send: {e}"));
-                continue;
-            }
+        let url = format!("{base}/v1/groups/{GROUP}/messages");
+        let Some((status, body)) =
+            post(&http, &url, &message(&name, n), &counts, "group_send").await
+        else {
+            continue;
         };
-        let status = response.status().as_u16();
-        let body: Json = response.json().await.unwrap_or(Json::Null);
         let (Some(delivered), Some(full)) = (body["delivered"].as_u64(), body["full"].as_u64())
         else {
             counts.fail(format!("group_send: {status} {body}"));
