@@ -58,6 +58,9 @@ pub struct ServerSettings {
     pub shutdown_timeout_secs: u64,
     /// Origins allowed by CORS (`https://...` origins or `"*"`); empty disables CORS.
     pub cors_origins: Vec<String>,
+    /// `"type"` given to a published map that has none; empty refuses such messages
+    /// (`invalid_message`), as the channel layer's message rules require.
+    pub default_message_type: String,
 }
 
 /// When an acknowledged write is on disk.

@@ -5,6 +5,9 @@
 //! Key order and the integer/float distinction survive every round trip; binary values
 //! appear in JSON as `{"$binary": "<base64>"}`.
 
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::fmt;
 use std::sync::OnceLock;
 
 use base64::Engine;
@@ -12,6 +15,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use rmpv::Value;
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 /// Deepest nesting a message may have (the top-level map counts as level 1).
 pub const MAX_DEPTH: usize = 32;
@@ -63,6 +67,12 @@ impl Message {
 
     /// Decodes and validates a msgpack map.
     pub fn from_msgpack(bytes: &[u8]) -> Result<Self, MessageError> {
+        Message::decode_msgpack(bytes, None)
+    }
+
+    /// [`Message::from_msgpack`], except that a map without a `"type"` gets
+    /// `default_type` (when given) instead of being refused.
+    pub fn decode_msgpack(bytes: &[u8], default_type: Option<&str>) -> Result<Self, MessageError> {
         let mut reader = bytes;
         let value = rmpv::decode::read_value_with_max_depth(&mut reader, 2 * MAX_DEPTH + 8)
             .map_err(|e| match e {
@@ -79,25 +89,31 @@ impl Message {
         let mut strict = rmp_serde::Deserializer::new(bytes);
         serde::de::IgnoredAny::deserialize(&mut strict)
             .map_err(|e| MessageError::Malformed(format!("malformed msgpack: {e}")))?;
+        if let Some(typed) = default_type.and_then(|t| with_type(&value, t)) {
+            return Message::from_value(&typed);
+        }
         validate(&value)?;
         Ok(Message::trusted(Bytes::copy_from_slice(bytes)))
     }
 
     /// Parses and validates a JSON object; `{"$binary": "..."}` becomes binary.
     pub fn from_json(bytes: &[u8]) -> Result<Self, MessageError> {
-        let json: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-            if e.to_string().contains("recursion limit") {
-                too_deep()
-            } else {
-                MessageError::Malformed(format!("malformed JSON: {e}"))
-            }
-        })?;
-        Message::from_json_value(&json)
+        Message::decode_json(bytes, None)
     }
 
-    /// Validates a parsed JSON value as a message.
-    pub fn from_json_value(json: &serde_json::Value) -> Result<Self, MessageError> {
-        Message::from_value(&json_to_value(json, 1)?)
+    /// [`Message::from_json`], except that an object without a `"type"` gets
+    /// `default_type` (when given) instead of being refused.
+    pub fn decode_json(bytes: &[u8], default_type: Option<&str>) -> Result<Self, MessageError> {
+        Message::decode_value(&parse_json(bytes)?, default_type)
+    }
+
+    /// [`Message::from_value`], except that a map without a `"type"` gets
+    /// `default_type` (when given) instead of being refused.
+    pub fn decode_value(value: &Value, default_type: Option<&str>) -> Result<Self, MessageError> {
+        match default_type.and_then(|t| with_type(value, t)) {
+            Some(typed) => Message::from_value(&typed),
+            None => Message::from_value(value),
+        }
     }
 
     /// The message `{"type": "text", "text": text}` for plain-text publishes.
@@ -153,6 +169,161 @@ impl Message {
     /// The JSON form as a value.
     pub fn json_value(&self) -> serde_json::Value {
         value_to_json(&self.value())
+    }
+}
+
+/// `value` with `"type": default_type` put first, if it is a map without a `"type"`.
+fn with_type(value: &Value, default_type: &str) -> Option<Value> {
+    let entries = value.as_map()?;
+    if entries.iter().any(|(k, _)| k.as_str() == Some("type")) {
+        return None;
+    }
+    let mut typed = Vec::with_capacity(entries.len() + 1);
+    typed.push((Value::from("type"), Value::from(default_type)));
+    typed.extend(entries.iter().cloned());
+    Some(Value::Map(typed))
+}
+
+/// Parses JSON text straight into a msgpack value, keeping key order (a repeated key
+/// keeps its first place and its last value) and turning `{"$binary": ...}` into
+/// binary. Nesting deeper than [`MAX_DEPTH`] is refused as soon as it is seen.
+pub fn parse_json(bytes: &[u8]) -> Result<Value, MessageError> {
+    let refusal = Cell::new(None);
+    let mut parser = serde_json::Deserializer::from_slice(bytes);
+    let parsed = JsonValue {
+        depth: 1,
+        refusal: &refusal,
+    }
+    .deserialize(&mut parser)
+    .and_then(|value| parser.end().map(|()| value));
+    parsed.map_err(|e| {
+        refusal
+            .take()
+            .unwrap_or_else(|| MessageError::Malformed(format!("malformed JSON: {e}")))
+    })
+}
+
+/// Maps with more keys than this find repeated keys through a hash index.
+const LINEAR_KEY_SEARCH: usize = 16;
+
+/// A serde seed that builds a msgpack [`Value`] from JSON at nesting level `depth`.
+/// A message rule broken on the way is kept in `refusal`, so that the caller reports
+/// it rather than serde's wording.
+#[derive(Clone, Copy)]
+struct JsonValue<'r> {
+    depth: usize,
+    refusal: &'r Cell<Option<MessageError>>,
+}
+
+impl JsonValue<'_> {
+    fn refuse<E: de::Error>(&self, error: MessageError) -> E {
+        let text = error.to_string();
+        self.refusal.set(Some(error));
+        E::custom(text)
+    }
+
+    /// The seed for the values nested in this one.
+    fn nested(self) -> Self {
+        JsonValue {
+            depth: self.depth + 1,
+            ..self
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for JsonValue<'_> {
+    type Value = Value;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        if self.depth > MAX_DEPTH {
+            return Err(self.refuse(too_deep()));
+        }
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for JsonValue<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Nil)
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Boolean(b))
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<Value, E> {
+        Ok(Value::from(i))
+    }
+
+    fn visit_u64<E>(self, u: u64) -> Result<Value, E> {
+        Ok(Value::from(u))
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<Value, E> {
+        Ok(Value::F64(f))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::from(s))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::from(s))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(self.nested())? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut entries: Vec<(Value, Value)> = Vec::new();
+        let mut index: Option<HashMap<String, usize>> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(self.nested())?;
+            let repeated = match &index {
+                Some(index) => index.get(&key).copied(),
+                None => entries.iter().position(|(k, _)| k.as_str() == Some(&key)),
+            };
+            if let Some(at) = repeated {
+                entries[at].1 = value;
+                continue;
+            }
+            if index.is_none() && entries.len() == LINEAR_KEY_SEARCH {
+                let keys = entries.iter().enumerate();
+                index = Some(
+                    keys.map(|(at, (k, _))| (k.as_str().unwrap_or_default().to_string(), at))
+                        .collect(),
+                );
+            }
+            if let Some(index) = &mut index {
+                index.insert(key.clone(), entries.len());
+            }
+            entries.push((Value::from(key), value));
+        }
+        match entries.as_slice() {
+            [(key, Value::String(b64))] if key.as_str() == Some(BINARY_KEY) => {
+                let bytes = b64
+                    .as_str()
+                    .and_then(|b64| BASE64.decode(b64).ok())
+                    .ok_or_else(|| {
+                        self.refuse(MessageError::Invalid(format!(
+                            "{BINARY_KEY:?} must hold base64"
+                        )))
+                    })?;
+                Ok(Value::Binary(bytes))
+            }
+            _ => Ok(Value::Map(entries)),
+        }
     }
 }
 
@@ -324,6 +495,44 @@ mod tests {
             from_json.value().as_map().unwrap()[1].1,
             Value::Binary(vec![0, 159, 146, 150])
         );
+    }
+
+    #[test]
+    fn json_parsing_matches_serde_json_and_keeps_the_last_of_repeated_keys() {
+        let many: String = (0..40).map(|i| format!(",\"k{}\":{i}", i % 20)).collect();
+        for text in [
+            r#"{"type":"t","a":[1,-2,3.5,1e300,null,true,"s\u00e9\n"],"b":{"c":{}}}"#.to_string(),
+            r#"{"type":"t","x":1,"type":"u","x":2}"#.to_string(),
+            format!(r#"{{"type":"t"{many}}}"#),
+        ] {
+            let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let expected = json_to_value(&json, 1).unwrap();
+            assert_eq!(parse_json(text.as_bytes()).unwrap(), expected, "{text}");
+        }
+        let err = parse_json(br#"{"type":"t","b":{"$binary":"not base64!"}}"#).unwrap_err();
+        assert!(err.to_string().contains("base64"), "{err}");
+        assert!(matches!(
+            parse_json(b"{} x"),
+            Err(MessageError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_default_type_is_put_first_only_where_the_type_is_missing() {
+        let typed = Message::decode_json(br#"{"a":1}"#, Some("note")).unwrap();
+        assert_eq!(typed.json(), r#"{"type":"note","a":1}"#);
+        let kept = Message::decode_json(br#"{"a":1,"type":"x"}"#, Some("note")).unwrap();
+        assert_eq!(kept.json(), r#"{"a":1,"type":"x"}"#);
+        let msgpack =
+            Message::from_value(&Value::Map(vec![(Value::from("type"), Value::from("x"))]))
+                .unwrap();
+        let untyped = [0x81, 0xa1, b'a', 0x01];
+        assert!(Message::from_msgpack(&untyped).is_err());
+        let typed = Message::decode_msgpack(&untyped, Some("note")).unwrap();
+        assert_eq!(typed.json(), r#"{"type":"note","a":1}"#);
+        let kept = Message::decode_msgpack(msgpack.msgpack(), Some("note")).unwrap();
+        assert_eq!(kept, msgpack);
+        assert!(Message::decode_json(br#"{"type":5}"#, Some("note")).is_err());
     }
 
     #[test]

@@ -499,9 +499,11 @@ const DAMAGES: &[Damage] = &[
         name: "db truncated to half",
         apply: |dir| truncate(&dir.join("db"), |n| n / 2),
     },
+    // A short prefix, which still holds several whole message batches (at most 16 KiB
+    // each); a prefix with none is the undetected empty start the README owns up to.
     Damage {
-        name: "db truncated to 4 KiB",
-        apply: |dir| truncate(&dir.join("db"), |_| 4096),
+        name: "db truncated to 64 KiB",
+        apply: |dir| truncate(&dir.join("db"), |_| 64 * 1024),
     },
     Damage {
         name: "db truncated to zero",

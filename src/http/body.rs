@@ -78,11 +78,16 @@ where
 }
 
 /// Decodes a body into a message: a JSON object, a msgpack map, or UTF-8 text that
-/// becomes `{"type": "text", "text": BODY}`.
-pub fn decode_message(kind: BodyKind, body: &[u8]) -> Result<Message, ApiError> {
+/// becomes `{"type": "text", "text": BODY}`. A map without a type gets `default_type`
+/// if one is given.
+pub fn decode_message(
+    kind: BodyKind,
+    body: &[u8],
+    default_type: Option<&str>,
+) -> Result<Message, ApiError> {
     Ok(match kind {
-        BodyKind::Json => Message::from_json(body)?,
-        BodyKind::Msgpack => Message::from_msgpack(body)?,
+        BodyKind::Json => Message::decode_json(body, default_type)?,
+        BodyKind::Msgpack => Message::decode_msgpack(body, default_type)?,
         BodyKind::Text => {
             let text = std::str::from_utf8(body).map_err(|_| {
                 ApiError::new(ErrorKind::InvalidBody, "a text body must be valid UTF-8")
@@ -115,13 +120,17 @@ mod tests {
 
     #[test]
     fn text_bodies() {
-        let m = decode_message(BodyKind::Text, b"disk full").unwrap();
+        let m = decode_message(BodyKind::Text, b"disk full", Some("x")).unwrap();
         assert_eq!(m.json(), r#"{"type":"text","text":"disk full"}"#);
-        let err = decode_message(BodyKind::Text, b"\xff\xfe").unwrap_err();
+        let err = decode_message(BodyKind::Text, b"\xff\xfe", None).unwrap_err();
         assert_eq!(err.kind, ErrorKind::InvalidBody);
-        let err = decode_message(BodyKind::Json, b"{\"type\":1}").unwrap_err();
+        let err = decode_message(BodyKind::Json, b"{\"type\":1}", None).unwrap_err();
         assert_eq!(err.kind, ErrorKind::InvalidMessage);
-        let err = decode_message(BodyKind::Json, b"{\"ty").unwrap_err();
+        let err = decode_message(BodyKind::Json, b"{\"a\":1}", None).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidMessage);
+        let m = decode_message(BodyKind::Json, b"{\"a\":1}", Some("x")).unwrap();
+        assert_eq!(m.json(), r#"{"type":"x","a":1}"#);
+        let err = decode_message(BodyKind::Json, b"{\"ty", None).unwrap_err();
         assert_eq!(err.kind, ErrorKind::InvalidBody);
     }
 }

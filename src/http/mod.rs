@@ -24,10 +24,13 @@ use crate::layer::ChannelLayer;
 use error::{ApiError, ErrorKind};
 use reply::Format;
 
-/// What every handler needs: the layer, the settings, the shutdown signal, the
-/// connection budget and the running subscriptions.
+/// What every handler needs, shared: cloning it for a request costs one reference count.
 #[derive(Clone)]
-pub struct Api {
+pub struct Api(Arc<ApiState>);
+
+/// The layer, the settings, the shutdown signal, the connection budget and the running
+/// subscriptions.
+pub struct ApiState {
     /// The channel layer every route calls into.
     pub layer: ChannelLayer,
     /// The `[server]` settings: waits, keepalives, limits, CORS.
@@ -41,13 +44,13 @@ pub struct Api {
 impl Api {
     /// The API over `layer`, with a connection budget of `settings.max_connections`.
     pub fn new(layer: ChannelLayer, settings: ServerSettings, shutdown: CancellationToken) -> Self {
-        Api {
+        Api(Arc::new(ApiState {
             layer,
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             settings: Arc::new(settings),
             shutdown,
             streams: Arc::default(),
-        }
+        }))
     }
 
     /// A slot for one request or stream, or `unavailable` when the server is at
@@ -65,6 +68,19 @@ impl Api {
                 "the server is at its connection limit; try again later",
             )
         })
+    }
+
+    /// The `"type"` for published maps that have none (`server.default_message_type`).
+    fn default_type(&self) -> Option<&str> {
+        Some(self.settings.default_message_type.as_str()).filter(|t| !t.is_empty())
+    }
+}
+
+impl std::ops::Deref for Api {
+    type Target = ApiState;
+
+    fn deref(&self) -> &ApiState {
+        &self.0
     }
 }
 
@@ -131,19 +147,34 @@ fn message_body(
         .and_then(
             move |content_type: Option<String>, length: Option<u64>, stream| {
                 let limit = body::body_limit(api.layer.max_message_bytes());
+                let api = api.clone();
                 async move {
                     let bytes = body::read_limited(length, Box::pin(stream), limit).await?;
                     let kind = body::BodyKind::from_content_type(content_type.as_deref());
-                    body::decode_message(kind, &bytes).map_err(warp::reject::custom)
+                    body::decode_message(kind, &bytes, api.default_type())
+                        .map_err(warp::reject::custom)
                 }
             },
         )
 }
 
+/// Joins routes with `or`, each boxed first, which keeps the filter types (and build
+/// times) small.
+fn any_of(routes: Vec<BoxedFilter<(Response,)>>) -> BoxedFilter<(Response,)> {
+    routes
+        .into_iter()
+        .reduce(|a, b| a.or(b).unify().boxed())
+        .expect("there are routes")
+}
+
 /// Every route of the API, with CORS when configured and errors mapped to JSON.
+///
+/// Routes are grouped under their common path prefix (`/v1/channels`, `/v1/groups`), so
+/// a request is matched against its own few routes, the publishing ones first, instead
+/// of being tried against every route in turn.
 pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
-    let channel_messages = warp::path!("v1" / "channels" / String / "messages").map(segment);
-    let group_members = warp::path!("v1" / "groups" / String / "channels" / String)
+    let channel_messages = warp::path!(String / "messages").map(segment);
+    let group_members = warp::path!(String / "channels" / String)
         .map(|g, c| (segment(g), segment(c)))
         .untuple_one();
 
@@ -159,20 +190,20 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and(query())
         .and(with_api(api.clone()))
         .and_then(handlers::receive);
-    let channel_events = warp::path!("v1" / "channels" / String / "events")
+    let channel_events = warp::path!(String / "events")
         .map(segment)
         .and(warp::get())
         .and(sse::last_event_id())
         .and(query())
         .and(with_api(api.clone()))
         .and_then(sse::channel_events);
-    let new_channel = warp::path!("v1" / "channels")
+    let new_channel = warp::path::end()
         .and(warp::post())
         .and(format())
         .and(query())
         .and(with_api(api.clone()))
         .and_then(handlers::new_channel);
-    let list_channels = warp::path!("v1" / "channels")
+    let list_channels = warp::path::end()
         .and(warp::get())
         .and(format())
         .and(with_api(api.clone()))
@@ -185,51 +216,51 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and(warp::delete())
         .and(with_api(api.clone()))
         .and_then(handlers::group_discard);
-    let members = warp::path!("v1" / "groups" / String / "channels")
+    let members = warp::path!(String / "channels")
         .map(segment)
         .and(warp::get())
         .and(format())
         .and(with_api(api.clone()))
         .and_then(handlers::members);
-    let list_groups = warp::path!("v1" / "groups")
+    let list_groups = warp::path::end()
         .and(warp::get())
         .and(format())
         .and(with_api(api.clone()))
         .map(handlers::list_groups);
-    let group_send = warp::path!("v1" / "groups" / String / "messages")
+    let group_send = warp::path!(String / "messages")
         .map(segment)
         .and(warp::post())
         .and(format())
         .and(message_body(api.clone()))
         .and(with_api(api.clone()))
         .and_then(handlers::group_send);
-    let group_events = warp::path!("v1" / "groups" / String / "events")
+    let group_events = warp::path!(String / "events")
         .map(segment)
         .and(warp::get())
         .and(sse::last_event_id())
         .and(query())
         .and(with_api(api.clone()))
         .and_then(sse::group_events);
-    let multi_events = warp::path!("v1" / "events")
+    let multi_events = warp::path!("events")
         .and(warp::get())
         .and(sse::last_event_id())
         .and(query())
         .and(with_api(api.clone()))
         .and_then(sse::multi_group_events);
-    let websocket = warp::path!("v1" / "ws")
+    let websocket = warp::path!("ws")
         .and(warp::get())
         .and(warp::ws())
         .and(with_api(api.clone()))
         .and_then(ws::upgrade);
-    let flush = warp::path!("v1" / "flush")
+    let flush = warp::path!("flush")
         .and(warp::post())
         .and(with_api(api.clone()))
         .and_then(handlers::flush);
-    let backup = warp::path!("v1" / "admin" / "backup")
+    let backup = warp::path!("admin" / "backup")
         .and(warp::get())
         .and(with_api(api.clone()))
         .and_then(handlers::backup);
-    let stats = warp::path!("v1" / "stats")
+    let stats = warp::path!("stats")
         .and(warp::get())
         .and(format())
         .and(with_api(api.clone()))
@@ -242,29 +273,31 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         )
     });
 
-    // Each route is boxed before joining, which keeps the filter types (and build times) small.
-    let all = [
+    let channels = warp::path("channels").and(any_of(vec![
         send.boxed(),
         receive.boxed(),
         channel_events.boxed(),
         new_channel.boxed(),
         list_channels.boxed(),
+    ]));
+    let groups = warp::path("groups").and(any_of(vec![
+        group_send.boxed(),
+        group_events.boxed(),
         group_add.boxed(),
         group_discard.boxed(),
         members.boxed(),
         list_groups.boxed(),
-        group_send.boxed(),
-        group_events.boxed(),
-        multi_events.boxed(),
+    ]));
+    let v1 = warp::path("v1").and(any_of(vec![
+        channels.boxed(),
+        groups.boxed(),
         websocket.boxed(),
+        multi_events.boxed(),
         flush.boxed(),
         backup.boxed(),
         stats.boxed(),
-        health.boxed(),
-    ]
-    .into_iter()
-    .reduce(|a, b| a.or(b).unify().boxed())
-    .expect("there are routes");
+    ]));
+    let all = any_of(vec![v1.boxed(), health.boxed()]);
 
     let origins = &api.settings.cors_origins;
     if origins.is_empty() {

@@ -149,11 +149,12 @@ impl Request {
         }
     }
 
-    fn message(&self) -> Result<Message, ApiError> {
+    /// The request's `"message"`; a map without a type gets `default_type` if given.
+    fn message(&self, default_type: Option<&str>) -> Result<Message, ApiError> {
         let value = self
             .get("message")
             .ok_or_else(|| ApiError::new(ErrorKind::InvalidMessage, "\"message\" is missing"))?;
-        Ok(Message::from_value(value)?)
+        Ok(Message::decode_value(value, default_type)?)
     }
 
     /// A reply document starting with `op` and the request's `ref`.
@@ -269,12 +270,17 @@ impl Connection {
         match op {
             "send" => {
                 let channel = request.str("channel")?;
-                let id = layer.send(channel, request.message()?).await?;
+                let id = layer
+                    .send(channel, request.message(self.api.default_type())?)
+                    .await?;
                 self.reply(request, request.reply("ok").id("id", id)).await;
             }
             "group_send" => {
                 let report = layer
-                    .group_send(request.str("group")?, request.message()?)
+                    .group_send(
+                        request.str("group")?,
+                        request.message(self.api.default_type())?,
+                    )
                     .await?;
                 let doc = request
                     .reply("ok")

@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use crate::config::{ChannelRules, ConfigError, LayerSettings, StorageSettings};
 use crate::message::{Message, MessageError};
 use crate::store::dump::DumpStats;
-use crate::store::record::{Record, Target};
+use crate::store::record::{MessageBatch, Record, Target};
 use crate::store::{Store, StoreError, keys};
 use clock::Clock;
 use state::{Channel, Entry, Membership, State, Waiter};
@@ -208,7 +208,7 @@ impl ChannelLayer {
                 skipped: Vec::new(),
                 body: message.msgpack().clone(),
             };
-            let ticket = inner.store.insert(&keys::message(id), &record.encode())?;
+            let ticket = inner.store.append(id, &record)?;
             let ch = inner.channel(&mut state.channels, channel);
             ch.queue.push_back(Entry {
                 id,
@@ -370,7 +370,7 @@ impl ChannelLayer {
                 skipped,
                 body: message.msgpack().clone(),
             };
-            let ticket = inner.store.insert(&keys::message(id), &record.encode())?;
+            let ticket = inner.store.append(id, &record)?;
             let entry = Entry {
                 id,
                 sent_at_ms,
@@ -606,6 +606,7 @@ impl ChannelLayer {
         let inner = &*self.inner;
         let mut state = inner.state.lock();
         inner.write_cursors(&mut state, true)?;
+        inner.store.write_pending()?;
         Ok(inner.store.export(inner.clock.now_ms(), out)?)
     }
 
@@ -778,7 +779,7 @@ impl Inner {
             for item in self.store.scan(&[keys::MESSAGE]) {
                 let (key, value) = item?;
                 let id = keys::message_id(&key).unwrap_or(0);
-                match Record::decode_sent_at(&value) {
+                match MessageBatch::decode_sent_at(&value) {
                     Some(sent_at) if sent_at >= cutoff_ms => {
                         first_kept = Some(id);
                         break;
@@ -853,47 +854,10 @@ impl Inner {
             references.entry(id).or_default().push(channel.to_string());
         }
         for item in self.store.scan(&[keys::MESSAGE]) {
-            let (key, value) = item?;
-            let id = keys::message_id(&key).ok_or_else(|| corrupt("message"))?;
-            let record = Record::decode(&value).ok_or_else(|| corrupt("message"))?;
-            state.last_sent_at_ms = state.last_sent_at_ms.max(record.sent_at_ms);
-            let mut recipients = references.remove(&id).unwrap_or_default();
-            let group = match &record.target {
-                Target::Channel(channel) => {
-                    recipients.push(channel.clone());
-                    None
-                }
-                Target::Group(group) => {
-                    if let Some(members) = state.groups.get(group) {
-                        recipients.extend(
-                            members
-                                .iter()
-                                .filter(|(channel, m)| {
-                                    m.joined_id < id
-                                        && m.active_at(record.sent_at_ms, self.group_expiry_ms)
-                                        && !record.skipped.contains(channel)
-                                })
-                                .map(|(channel, _)| channel.clone()),
-                        );
-                    }
-                    Some(Arc::<str>::from(group.as_str()))
-                }
-            };
-            let message = Arc::new(Message::trusted(record.body));
-            for channel in recipients {
-                let delivered = cursors.get(&channel).is_some_and(|c| id <= *c);
-                let ch = self.channel(&mut state.channels, &channel);
-                let entry = Entry {
-                    id,
-                    sent_at_ms: record.sent_at_ms,
-                    group: group.clone(),
-                    message: message.clone(),
-                };
-                if delivered {
-                    ch.remember(entry);
-                } else {
-                    ch.queue.push_back(entry);
-                }
+            let (_, value) = item?;
+            for record in MessageBatch::decode(&value) {
+                let (id, record) = record.ok_or_else(|| corrupt("message"))?;
+                self.place(&mut state, &cursors, &mut references, id, record);
             }
         }
         for (name, ch) in state.channels.iter_mut() {
@@ -904,6 +868,57 @@ impl Inner {
         }
         state.channels.retain(|_, ch| !ch.is_idle());
         Ok(state)
+    }
+
+    /// Puts a stored message into each recipient's queue, or its replay log if the
+    /// recipient's cursor says it was taken.
+    fn place(
+        &self,
+        state: &mut State,
+        cursors: &HashMap<String, u64>,
+        references: &mut HashMap<u64, Vec<String>>,
+        id: u64,
+        record: Record,
+    ) {
+        state.last_sent_at_ms = state.last_sent_at_ms.max(record.sent_at_ms);
+        let mut recipients = references.remove(&id).unwrap_or_default();
+        let group = match &record.target {
+            Target::Channel(channel) => {
+                recipients.push(channel.clone());
+                None
+            }
+            Target::Group(group) => {
+                if let Some(members) = state.groups.get(group) {
+                    recipients.extend(
+                        members
+                            .iter()
+                            .filter(|(channel, m)| {
+                                m.joined_id < id
+                                    && m.active_at(record.sent_at_ms, self.group_expiry_ms)
+                                    && !record.skipped.contains(channel)
+                            })
+                            .map(|(channel, _)| channel.clone()),
+                    );
+                }
+                Some(Arc::<str>::from(group.as_str()))
+            }
+        };
+        let message = Arc::new(Message::trusted(record.body));
+        for channel in recipients {
+            let delivered = cursors.get(&channel).is_some_and(|c| id <= *c);
+            let ch = self.channel(&mut state.channels, &channel);
+            let entry = Entry {
+                id,
+                sent_at_ms: record.sent_at_ms,
+                group: group.clone(),
+                message: message.clone(),
+            };
+            if delivered {
+                ch.remember(entry);
+            } else {
+                ch.queue.push_back(entry);
+            }
+        }
     }
 }
 

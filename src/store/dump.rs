@@ -13,7 +13,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
 use super::keys::{self, FORMAT_VERSION};
-use super::record::{Record, Target};
+use super::record::{MessageBatch, Record, Target};
 use super::{Store, StoreError};
 // Names become parts of keys: the same rules as the layer's keep the key layout sound.
 use crate::layer::names;
@@ -113,21 +113,22 @@ impl Store {
         })?;
         let mut stats = DumpStats::default();
         for item in self.scan(&[keys::MESSAGE]) {
-            let (key, value) = item?;
-            let id = keys::message_id(&key).ok_or_else(|| corrupt(self, "message key"))?;
-            let record = Record::decode(&value).ok_or_else(|| corrupt(self, "message"))?;
-            let (channel, group) = match record.target {
-                Target::Channel(c) => (Some(c), None),
-                Target::Group(g) => (None, Some(g)),
-            };
-            write(&Line::Message {
-                id,
-                sent_at_ms: record.sent_at_ms,
-                channel,
-                group,
-                skipped: record.skipped,
-                body: BASE64.encode(&record.body),
-            })?;
+            let (_, value) = item?;
+            for record in MessageBatch::decode(&value) {
+                let (id, record) = record.ok_or_else(|| corrupt(self, "message"))?;
+                let (channel, group) = match record.target {
+                    Target::Channel(c) => (Some(c), None),
+                    Target::Group(g) => (None, Some(g)),
+                };
+                write(&Line::Message {
+                    id,
+                    sent_at_ms: record.sent_at_ms,
+                    channel,
+                    group,
+                    skipped: record.skipped,
+                    body: BASE64.encode(&record.body),
+                })?;
+            }
             stats.messages += 1;
         }
         for item in self.scan(&[keys::MEMBERSHIP]) {
@@ -238,7 +239,10 @@ impl Store {
                         skipped,
                         body: body.into(),
                     };
-                    batch.insert(keys::message(id).as_slice(), record.encode());
+                    batch.insert(
+                        keys::message(id).as_slice(),
+                        MessageBatch::new(id, &record).into_bytes(),
+                    );
                     stats.messages += 1;
                 }
                 Line::Membership {

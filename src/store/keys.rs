@@ -1,4 +1,4 @@
-//! Every key Herald writes, built in one place (format version 1).
+//! Every key Herald writes, built in one place (format version 2).
 //!
 //! All data lives in one sled tree so that a batch of mixed writes is atomic. The first
 //! byte of a key says what it holds; integers are big-endian so that keys sort by them.
@@ -8,13 +8,13 @@
 //! |---|---|
 //! | `V` | format version, u32 |
 //! | `S` | id floor, u64: added to sled's id generator (set by an import) |
-//! | `M` id | a message record ([`super::record`]) |
+//! | `M` id | a batch of message records, the first with this id ([`super::record::MessageBatch`]) |
 //! | `G` group NUL channel | a membership: joined id, last add time |
 //! | `C` channel | receive cursor: every message of the channel with a lower or equal id was taken |
 //! | `R` id channel | the message `id` of a group belongs to `channel`, whatever the membership says |
 
 /// The format version this build writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 pub const VERSION: &[u8] = b"V";
 pub const ID_FLOOR: &[u8] = b"S";

@@ -4,7 +4,8 @@
 use std::path::Path;
 
 use super::StoreError;
-use super::keys::{FORMAT_VERSION, VERSION};
+use super::keys::{self, FORMAT_VERSION, VERSION};
+use super::record::{MessageBatch, Record};
 
 /// A step that upgrades a database from version `to - 1` to `to`.
 pub struct Migration {
@@ -13,9 +14,46 @@ pub struct Migration {
     pub run: fn(&sled::Db) -> Result<(), sled::Error>,
 }
 
-/// Every upgrade step, in order. Version 1 is the first format, so there are none yet;
-/// version N's step is added here together with `migrations/000N-*.md`.
-pub const MIGRATIONS: &[Migration] = &[];
+/// Every upgrade step, in order; version N's step comes with `migrations/000N-*.md`.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    to: 2,
+    describe: "store message records in batches",
+    run: batch_messages,
+}];
+
+/// Version 2: each `M` key holds a batch of records instead of one record, so version
+/// 1's records become batches of one (same key, the record's id). A batch starts with a
+/// send time, whose first byte is 0 (until the year 4200), and a record with its kind
+/// (`c` or `g`), so a step interrupted half-way skips what it converted already.
+fn batch_messages(db: &sled::Db) -> Result<(), sled::Error> {
+    const CHUNK: usize = 10_000;
+    let mut from = keys::message(0).to_vec();
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut converted = 0;
+        for item in db.range(from.clone()..vec![keys::MESSAGE + 1]) {
+            let (key, value) = item?;
+            if value.first() == Some(&0) {
+                continue;
+            }
+            let (Some(id), Some(record)) = (keys::message_id(&key), Record::decode(&value)) else {
+                return Err(sled::Error::Unsupported(format!(
+                    "unreadable version 1 message record {key:?}"
+                )));
+            };
+            batch.insert(key.clone(), MessageBatch::new(id, &record).into_bytes());
+            converted += 1;
+            if converted == CHUNK {
+                from = keys::message(id + 1).to_vec();
+                break;
+            }
+        }
+        db.apply_batch(batch)?;
+        if converted < CHUNK {
+            return Ok(());
+        }
+    }
+}
 
 /// The oldest version `steps` can upgrade to `current`.
 fn oldest_supported(steps: &[Migration], current: u32) -> u32 {
@@ -159,6 +197,44 @@ mod tests {
         assert!(
             matches!(err, StoreError::OlderFormat { oldest: 1, .. }),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn version_1_message_records_become_batches_of_one() {
+        let record = |sent_at_ms| Record {
+            sent_at_ms,
+            target: crate::store::record::Target::Channel("a".into()),
+            skipped: Vec::new(),
+            body: bytes::Bytes::from_static(b"\x81\xa4type\xa1x"),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.insert(VERSION, &1u32.to_be_bytes()).unwrap();
+            for (id, sent_at_ms) in [(5, 100), (9, 200)] {
+                let mut bytes = Vec::new();
+                record(sent_at_ms).encode_into(&mut bytes);
+                db.insert(keys::message(id), bytes).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), Durability::Sync, Duration::from_secs(1)).unwrap();
+        let stored: Vec<_> = store
+            .scan(&[keys::MESSAGE])
+            .map(|item| {
+                let (key, value) = item.unwrap();
+                let records: Vec<_> = MessageBatch::decode(&value).map(Option::unwrap).collect();
+                (keys::message_id(&key).unwrap(), records)
+            })
+            .collect();
+        assert_eq!(
+            stored,
+            [(5, vec![(5, record(100))]), (9, vec![(9, record(200))]),]
+        );
+        assert_eq!(
+            store.get(VERSION).unwrap().unwrap().as_ref(),
+            FORMAT_VERSION.to_be_bytes()
         );
     }
 

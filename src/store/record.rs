@@ -2,8 +2,13 @@
 //! skipped as full, and the msgpack body. One record per send or group_send, whatever
 //! the number of recipients.
 //!
-//! Layout: kind (`c` channel or `g` group), sent_at ms (u64 BE), target name (u8 length
-//! + bytes), skipped count (u32 BE) and names (u8 length + bytes each), then the body.
+//! Record layout: kind (`c` channel or `g` group), sent_at ms (u64 BE), target name (u8
+//! length + bytes), skipped count (u32 BE) and names (u8 length + bytes each), then the
+//! body.
+//!
+//! Records are stored in batches ([`MessageBatch`]), one sled key per batch: the
+//! flusher writes every message of a group commit with one insert, because a sled
+//! insert costs about as much as a whole small flush.
 
 use bytes::Bytes;
 
@@ -25,23 +30,22 @@ pub struct Record {
 }
 
 impl Record {
-    /// The bytes to store.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Appends the stored bytes to `out`.
+    pub(super) fn encode_into(&self, out: &mut Vec<u8>) {
         let (kind, name) = match &self.target {
             Target::Channel(name) => (b'c', name),
             Target::Group(name) => (b'g', name),
         };
         let names: usize = self.skipped.iter().map(|s| 1 + s.len()).sum();
-        let mut out = Vec::with_capacity(14 + name.len() + names + self.body.len());
+        out.reserve(14 + name.len() + names + self.body.len());
         out.push(kind);
         out.extend_from_slice(&self.sent_at_ms.to_be_bytes());
-        push_name(&mut out, name);
+        push_name(out, name);
         out.extend_from_slice(&(self.skipped.len() as u32).to_be_bytes());
         for skipped in &self.skipped {
-            push_name(&mut out, skipped);
+            push_name(out, skipped);
         }
         out.extend_from_slice(&self.body);
-        out
     }
 
     /// Reads stored bytes; `None` if they are damaged.
@@ -67,9 +71,88 @@ impl Record {
         })
     }
 
-    /// Reads only the send time, for the expiry sweep.
+    /// Reads only the send time.
     pub fn decode_sent_at(bytes: &[u8]) -> Option<u64> {
         Some(u64::from_be_bytes(bytes.get(1..9)?.try_into().ok()?))
+    }
+}
+
+/// Consecutive records stored under one key, the id of the first (format version 2).
+///
+/// Layout: the newest send time (u64 BE, so that the expiry sweep reads only 8 bytes),
+/// then per record its id (u64 BE), its length (u32 BE) and its bytes, in id order.
+#[derive(Debug)]
+pub struct MessageBatch {
+    first_id: u64,
+    bytes: Vec<u8>,
+}
+
+impl MessageBatch {
+    /// A batch holding one record.
+    pub fn new(id: u64, record: &Record) -> MessageBatch {
+        let mut batch = MessageBatch {
+            first_id: id,
+            bytes: vec![0; 8],
+        };
+        batch.push(id, record);
+        batch
+    }
+
+    /// Adds a record; ids and send times must not decrease.
+    pub fn push(&mut self, id: u64, record: &Record) {
+        debug_assert!(id >= self.first_id);
+        self.bytes[..8].copy_from_slice(&record.sent_at_ms.to_be_bytes());
+        self.bytes.extend_from_slice(&id.to_be_bytes());
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(&[0; 4]);
+        record.encode_into(&mut self.bytes);
+        let len = (self.bytes.len() - at - 4) as u32;
+        self.bytes[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// The id of the first record: the batch's key.
+    pub fn first_id(&self) -> u64 {
+        self.first_id
+    }
+
+    /// Bytes stored so far.
+    pub fn size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The bytes to store.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
+    /// The newest send time of a stored batch, for the expiry sweep.
+    pub fn decode_sent_at(bytes: &[u8]) -> Option<u64> {
+        Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+    }
+
+    /// The records of a stored batch with their ids, in order; a `None` item (and
+    /// nothing after it) where the bytes are damaged.
+    pub fn decode(bytes: &[u8]) -> impl Iterator<Item = Option<(u64, Record)>> + '_ {
+        // `None`: finished; `Some(None)`: damage still to report.
+        let mut rest = Some(bytes.get(8..));
+        std::iter::from_fn(move || {
+            let Some(unread) = rest.take()? else {
+                return Some(None);
+            };
+            if unread.is_empty() {
+                return None;
+            }
+            let mut reader = Reader(unread);
+            let item = (|| {
+                let id = u64::from_be_bytes(reader.take(8)?.try_into().ok()?);
+                let len = u32::from_be_bytes(reader.take(4)?.try_into().ok()?) as usize;
+                Some((id, Record::decode(reader.take(len)?)?))
+            })();
+            if item.is_some() {
+                rest = Some(Some(reader.0));
+            }
+            Some(item)
+        })
     }
 }
 
@@ -109,9 +192,39 @@ mod tests {
             skipped: vec!["a!1".into(), "b".into()],
             body: Bytes::from_static(b"\x81\xa4type\xa1x"),
         };
-        let bytes = record.encode();
-        assert_eq!(Record::decode(&bytes), Some(record));
+        let mut bytes = Vec::new();
+        record.encode_into(&mut bytes);
+        assert_eq!(Record::decode(&bytes), Some(record.clone()));
         assert_eq!(Record::decode_sent_at(&bytes), Some(1_700_000_000_123));
         assert_eq!(Record::decode(&bytes[..5]), None);
+    }
+
+    #[test]
+    fn batches_round_trip_and_report_damage() {
+        let record = |sent_at_ms, body: &'static [u8]| Record {
+            sent_at_ms,
+            target: Target::Channel("a".into()),
+            skipped: Vec::new(),
+            body: Bytes::from_static(body),
+        };
+        let mut batch = MessageBatch::new(7, &record(100, b"\x80"));
+        batch.push(9, &record(105, b"\x81\xa1a\x01"));
+        assert_eq!(batch.first_id(), 7);
+        let bytes = batch.into_bytes();
+        assert_eq!(MessageBatch::decode_sent_at(&bytes), Some(105));
+        let records: Vec<_> = MessageBatch::decode(&bytes).collect();
+        assert_eq!(
+            records,
+            [
+                Some((7, record(100, b"\x80"))),
+                Some((9, record(105, b"\x81\xa1a\x01"))),
+            ]
+        );
+        let cut: Vec<_> = MessageBatch::decode(&bytes[..bytes.len() - 2]).collect();
+        assert_eq!(cut, [Some((7, record(100, b"\x80"))), None]);
+        assert_eq!(
+            MessageBatch::decode(&bytes[..3]).collect::<Vec<_>>(),
+            [None]
+        );
     }
 }
