@@ -1,7 +1,10 @@
 # Herald: the two commands a newcomer needs are `make run` and `make test`.
 CARGO ?= cargo
 
-.PHONY: run test soak lint bench bench-compare clean
+.PHONY: run test soak lint bench bench-load bench-compare clean
+
+# The peers' benchmark harness (Django Channels + Redis, warp hello), beside the project.
+SHARED ?= ../shared
 
 ## Build (release) and serve on 127.0.0.1:8080 with ./data, using the built-in config.
 run:
@@ -21,15 +24,25 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## Criterion benchmarks of the channel layer's hot paths (durability as configured by default).
+## Criterion benchmarks of the hot paths: message encoding, store append and flush,
+## send/receive, group_send fan-out (durability as configured by default).
 bench:
 	$(CARGO) bench --bench layer
 
-## Side-by-side comparison with the peers (warp hello, Django Channels + Redis), see ../shared/bench.
+## The load generator: every `herald bench` scenario against a fresh release server
+## pinned to CPU 0, the bench itself on CPU 1; a table, and JSON in target/bench-load.json.
+bench-load:
+	$(CARGO) build --release
+	taskset -c 1 ./target/release/herald bench --server-cpu 0 --json target/bench-load.json
+
+## Side-by-side comparison with the peers (warp hello, Django Channels + Redis) under the
+## same load and pinning, with ratios ($(SHARED)/bench). The harness publishes JSON
+## without a "type", so Herald runs with --default-message-type.
 bench-compare:
 	$(CARGO) build --release
-	bash ../shared/bench/setup.sh
-	HERALD_BIN=$(CURDIR)/target/release/herald bash ../shared/bench/compare.sh
+	bash $(SHARED)/bench/setup.sh
+	HERALD_BIN=$(CURDIR)/target/release/herald HERALD_ARGS="--default-message-type notify" \
+		bash $(SHARED)/bench/compare.sh
 
 clean:
 	$(CARGO) clean

@@ -285,6 +285,9 @@ impl Store {
         let settled = |f: &Flushed| f.upto >= ticket.0 || f.failed_upto >= ticket.0;
         let mut rx = self.flusher.flushed.subscribe();
         if !settled(&rx.borrow()) {
+            // Requests that are ready to run append first and join this flush; the
+            // flusher, on the same core, would otherwise start a flush for a few writes.
+            tokio::task::yield_now().await;
             self.flusher.request();
         }
         let state = rx
