@@ -1077,3 +1077,54 @@ async fn cors_allows_listed_origins_and_refuses_others_with_a_json_error() {
         .unwrap();
     assert_error(preflight, 403, "forbidden").await;
 }
+
+/// `--default-message-type` (and `server.default_message_type`) types untyped maps from
+/// every publishing route, first in key order; typed ones are kept as they are, and a
+/// bad type is still refused. Without it, untyped messages are refused.
+#[tokio::test]
+async fn a_default_message_type_types_untyped_publishes() {
+    let strict = Server::start().await;
+    let response = Api::new(&strict)
+        .send_raw("dt.a", &json!({"event": "x"}))
+        .await;
+    assert_error(response, 400, "invalid_message").await;
+
+    let server =
+        Server::start_with_args(Workdir::new(), "", &["--default-message-type", "notify"]).await;
+    let api = Api::new(&server);
+    api.send("dt.a", &json!({"event": "x", "n": 1})).await;
+    api.send("dt.a", &json!({"n": 2, "type": "own"})).await;
+    let (_, first) = api.receive("dt.a").await.expect("the untyped message");
+    assert_eq!(first.to_string(), r#"{"type":"notify","event":"x","n":1}"#);
+    let (_, second) = api.receive("dt.a").await.expect("the typed message");
+    assert_eq!(second.to_string(), r#"{"n":2,"type":"own"}"#);
+    let response = api.send_raw("dt.a", &json!({"type": 5})).await;
+    assert_error(response, 400, "invalid_message").await;
+
+    // msgpack bodies and group sends too.
+    api.group_add("dt.g", "dt.m").await;
+    let body = rmp_serde::to_vec_named(&json!({"k": "v"})).unwrap();
+    let response = within(
+        T,
+        "msgpack group send",
+        api.http
+            .post(api.url("/v1/groups/dt.g/messages"))
+            .header("content-type", "application/msgpack")
+            .body(body)
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 202);
+    let (_, got) = api.receive("dt.m").await.expect("the msgpack message");
+    assert_eq!(got.to_string(), r#"{"type":"notify","k":"v"}"#);
+
+    // WebSocket publishes.
+    let mut ws = Ws::connect(&server).await;
+    let ok = ws
+        .call(json!({"op": "send", "channel": "dt.w", "message": {"x": true}}))
+        .await;
+    assert_eq!(ok["op"], "ok", "{ok}");
+    let (_, got) = api.receive("dt.w").await.expect("the WebSocket message");
+    assert_eq!(got.to_string(), r#"{"type":"notify","x":true}"#);
+}

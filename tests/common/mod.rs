@@ -98,13 +98,19 @@ impl Server {
 
     /// Starts a server on the data directory of `work`.
     pub async fn start_in(work: Arc<Workdir>, config: &str) -> Server {
+        Server::start_with_args(work, config, &[]).await
+    }
+
+    /// Starts a server on the data directory of `work` with extra `serve` flags.
+    pub async fn start_with_args(work: Arc<Workdir>, config: &str, args: &[&str]) -> Server {
         let n = work.starts.fetch_add(1, Ordering::SeqCst);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
-            .arg(work.data_dir());
+            .arg(work.data_dir())
+            .args(args);
         let config = (!config.is_empty()).then(|| config.to_string());
         if let Some(text) = &config {
             let path = work.dir.path().join(format!("herald-{n}.toml"));
