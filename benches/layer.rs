@@ -5,6 +5,8 @@
 //! - `group_send/{1,100,10000}`: a group_send to a group of that many members, from
 //!   32 tasks; throughput is counted in queue deliveries.
 //! - `encode/json_to_msgpack`: parsing and validating a ~100-byte JSON message.
+//! - `restart/100000`: opening a data directory that holds 100,000 pending messages in
+//!   1,000 channels (reading the store back into memory), until the layer can serve.
 //!
 //! Run with `make bench`; the reference printed alongside is `send_receive/1`, the
 //! rate of one client waiting for each fsync.
@@ -26,12 +28,15 @@ fn open(capacity: usize) -> (ChannelLayer, tempfile::TempDir) {
     // On the build disk, not a tmpfs, so that fsync costs what it costs in production.
     std::fs::create_dir_all("target/bench-data").unwrap();
     let dir = tempfile::tempdir_in("target/bench-data").unwrap();
-    let mut settings = Settings::load(None).unwrap();
-    settings.storage.data_dir = dir.path().to_path_buf();
-    settings.layer.capacity = capacity;
-    let layer =
-        ChannelLayer::open(&settings.layer, &settings.storage, Arc::new(SystemClock)).unwrap();
+    let layer = open_in(dir.path(), capacity);
     (layer, dir)
+}
+
+fn open_in(dir: &std::path::Path, capacity: usize) -> ChannelLayer {
+    let mut settings = Settings::load(None).unwrap();
+    settings.storage.data_dir = dir.to_path_buf();
+    settings.layer.capacity = capacity;
+    ChannelLayer::open(&settings.layer, &settings.storage, Arc::new(SystemClock)).unwrap()
 }
 
 fn runtime() -> Runtime {
@@ -167,11 +172,42 @@ fn encode(c: &mut Criterion) {
     group.finish();
 }
 
+fn restart(c: &mut Criterion) {
+    const PENDING: u64 = 100_000;
+    let rt = runtime();
+    let message = Message::from_json(BODY).unwrap();
+    let (layer, dir) = open(1_000_000);
+    rt.block_on(spread(64, PENDING, move |n| {
+        let layer = layer.clone();
+        let message = message.clone();
+        async move {
+            let channel = format!("pending.{}", n % 1000);
+            layer.send(&channel, message).await.unwrap();
+        }
+    }));
+    let mut group = c.benchmark_group("restart");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(PENDING));
+    group.bench_function(BenchmarkId::from_parameter(PENDING), |b| {
+        b.iter_custom(|iters| {
+            let mut elapsed = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                let layer = open_in(dir.path(), 1_000_000);
+                elapsed += start.elapsed();
+                assert_eq!(layer.stats().pending_messages as u64, PENDING);
+            }
+            elapsed
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
-    targets = send_receive, group_send, encode
+    targets = send_receive, group_send, encode, restart
 }
 criterion_main!(benches);
