@@ -173,4 +173,25 @@ async fn import_refuses_a_malformed_dump_with_the_line() {
     let out = herald(&["import", "--data-dir", path(&work.data_dir()), path(&bad)]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("version 9"));
+
+    // Message ids must ascend (they are stored in batches keyed by their first id).
+    let message = |id: u64| {
+        format!(
+            "{{\"kind\":\"message\",\"id\":{id},\"sent_at_ms\":1,\"channel\":\"c\",\"skipped\":[],\"body\":\"gaR0eXBloXg=\"}}\n"
+        )
+    };
+    let header = "{\"kind\":\"header\",\"herald_dump\":1,\"format_version\":2,\"created_at_ms\":0,\"next_id\":9}\n";
+    std::fs::write(&bad, format!("{header}{}{}", message(7), message(3))).unwrap();
+    let work = Workdir::new();
+    let out = herald(&["import", "--data-dir", path(&work.data_dir()), path(&bad)]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 3") && stderr.contains("ascend"),
+        "{stderr}"
+    );
+    std::fs::write(&bad, format!("{header}{}{}", message(3), message(7))).unwrap();
+    let work = Workdir::new();
+    let out = herald(&["import", "--data-dir", path(&work.data_dir()), path(&bad)]);
+    assert!(out.status.success(), "{out:?}");
 }

@@ -13,7 +13,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
 use super::keys::{self, FORMAT_VERSION};
-use super::record::{MessageBatch, Record, Target};
+use super::record::{MAX_BATCH_BYTES, MessageBatch, Record, Target};
 use super::{Store, StoreError};
 // Names become parts of keys: the same rules as the layer's keep the key layout sound.
 use crate::layer::names;
@@ -180,6 +180,9 @@ impl Store {
         }
         let mut stats = DumpStats::default();
         let mut batch = sled::Batch::default();
+        // Messages are stored in batches, as the flusher writes them.
+        let mut messages: Option<MessageBatch> = None;
+        let mut last_id = None;
         let mut header_seen = false;
         for (n, line) in input.lines().enumerate() {
             let line = line?;
@@ -233,16 +236,26 @@ impl Store {
                         .map_err(|e| invalid(format!("body is not base64: {e}")))?;
                     crate::message::Message::from_msgpack(&body)
                         .map_err(|e| invalid(format!("body is not a valid message: {e}")))?;
+                    if last_id.is_some_and(|last| id <= last) {
+                        return Err(invalid(
+                            "message ids must ascend, as `herald export` writes them".into(),
+                        ));
+                    }
+                    last_id = Some(id);
                     let record = Record {
                         sent_at_ms,
                         target,
                         skipped,
                         body: body.into(),
                     };
-                    batch.insert(
-                        keys::message(id).as_slice(),
-                        MessageBatch::new(id, &record).into_bytes(),
-                    );
+                    match &mut messages {
+                        Some(open) if open.size() < MAX_BATCH_BYTES => open.push(id, &record),
+                        _ => {
+                            if let Some(full) = messages.replace(MessageBatch::new(id, &record)) {
+                                batch.insert(&keys::message(full.first_id()), full.into_bytes());
+                            }
+                        }
+                    }
                     stats.messages += 1;
                 }
                 Line::Membership {
@@ -282,6 +295,9 @@ impl Store {
                 line: 1,
                 reason: "empty dump: no header".into(),
             });
+        }
+        if let Some(last) = messages {
+            batch.insert(&keys::message(last.first_id()), last.into_bytes());
         }
         self.apply(batch)?;
         self.flush_blocking()?;

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 
 use crate::config::Durability;
 use handle::{Failure, Handle};
-use record::{MessageBatch, Record};
+use record::{MAX_BATCH_BYTES, MessageBatch, Record};
 
 pub use migrate::MIGRATIONS;
 
@@ -113,10 +113,6 @@ impl Flushed {
     }
 }
 
-/// Most bytes of one stored batch; a larger backlog is written as several. Well below
-/// what sled moves out of its log into a file of its own (a quarter of a 512 KiB
-/// segment, for the whole node holding the value).
-const MAX_BATCH_BYTES: usize = 16 << 10;
 /// See [`Flusher::gather`].
 const GATHER_STEP: Duration = Duration::from_micros(50);
 const GATHER_MAX: Duration = Duration::from_micros(500);

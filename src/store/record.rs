@@ -77,6 +77,11 @@ impl Record {
     }
 }
 
+/// Most bytes of one stored batch; more records start another. Well below what sled
+/// moves out of its log into a file of its own (a quarter of a 512 KiB segment, for the
+/// whole node holding the value).
+pub const MAX_BATCH_BYTES: usize = 16 << 10;
+
 /// Consecutive records stored under one key, the id of the first (format version 2).
 ///
 /// Layout: the newest send time (u64 BE, so that the expiry sweep reads only 8 bytes),
@@ -98,10 +103,11 @@ impl MessageBatch {
         batch
     }
 
-    /// Adds a record; ids and send times must not decrease.
+    /// Adds a record; ids must ascend.
     pub fn push(&mut self, id: u64, record: &Record) {
         debug_assert!(id >= self.first_id);
-        self.bytes[..8].copy_from_slice(&record.sent_at_ms.to_be_bytes());
+        let newest = Self::decode_sent_at(&self.bytes).map_or(0, |t| t.max(record.sent_at_ms));
+        self.bytes[..8].copy_from_slice(&newest.to_be_bytes());
         self.bytes.extend_from_slice(&id.to_be_bytes());
         let at = self.bytes.len();
         self.bytes.extend_from_slice(&[0; 4]);
