@@ -118,6 +118,18 @@ pub struct LayerSettings {
     pub channel_expiry: IndexMap<String, u64>,
 }
 
+/// The environment variables that name a setting, `HERALD_<SECTION>__<KEY>`. Others
+/// with the prefix (`HERALD_BIN`, `HERALD_ARGS` of scripts) are not settings and must not
+/// stop the server from starting.
+fn setting_variables() -> config::Map<String, String> {
+    std::env::vars()
+        .filter(|(name, _)| {
+            name.strip_prefix("HERALD_")
+                .is_some_and(|rest| rest.contains("__"))
+        })
+        .collect()
+}
+
 impl Settings {
     /// Loads the defaults, then `file` if given, then the environment, and validates.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -133,6 +145,7 @@ impl Settings {
                 config::Environment::with_prefix("HERALD")
                     .prefix_separator("_")
                     .separator("__")
+                    .source(Some(setting_variables()))
                     .list_separator(",")
                     .with_list_parse_key("server.cors_origins")
                     .try_parsing(true),

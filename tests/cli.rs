@@ -25,6 +25,9 @@ fn config_prints_defaults_overridden_by_file_then_environment() {
         .arg(&file)
         .env("HERALD_LAYER__EXPIRY_SECS", "11")
         .env("HERALD_STORAGE__DURABILITY", "interval")
+        // Variables with the prefix that name no setting (scripts' own) are ignored.
+        .env("HERALD_BIN", "/usr/local/bin/herald")
+        .env("HERALD_ARGS", "--default-message-type notify")
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}");
