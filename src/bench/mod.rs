@@ -253,7 +253,7 @@ fn validate(opts: &Options) -> Result<(), String> {
 
 /// Raises this process's open-file soft limit to its hard limit, for thousands of
 /// subscribers (and the servers it starts inherit it); returns the new soft limit.
-fn raise_fd_limit() -> Option<u64> {
+fn raise_fd_limit() -> Option<libc::rlim_t> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -270,5 +270,5 @@ fn raise_fd_limit() -> Option<u64> {
             }
         }
     }
-    Some(limit.rlim_cur as u64)
+    Some(limit.rlim_cur)
 }
