@@ -108,6 +108,10 @@ pub struct Report {
     pub errors: Errors,
     pub server_rss_mib: Option<f64>,
     pub server_peak_rss_mib: Option<f64>,
+    /// CPU used over the whole scenario, in % of one core: the server's and the bench's.
+    /// A bench near 100 % means the figures are bounded by the client, not the server.
+    pub server_cpu_percent: Option<f64>,
+    pub bench_cpu_percent: Option<f64>,
     pub overload: Option<OverloadCheck>,
     pub idle: Option<IdleMemory>,
     pub notes: Vec<String>,
@@ -183,6 +187,9 @@ pub fn notes(reports: &[Report]) -> String {
         let _ = write!(out, "- {}: {}", r.scenario, r.mode);
         if let Some(kind) = &r.latency_kind {
             let _ = write!(out, "; latency = {kind}");
+        }
+        if let (Some(server), Some(bench)) = (r.server_cpu_percent, r.bench_cpu_percent) {
+            let _ = write!(out, "; CPU: server {server:.0} %, bench {bench:.0} %");
         }
         if let Some(o) = &r.overload {
             let _ = write!(

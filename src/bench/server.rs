@@ -139,6 +139,11 @@ impl Server {
         Some((kib("VmRSS:")? / 1024.0, kib("VmHWM:")? / 1024.0))
     }
 
+    /// CPU seconds (user + system) the server has used so far, when its pid is known.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds(&self.pid?.to_string())
+    }
+
     /// Whether a server that the bench started has exited (e.g. crashed under load).
     pub fn exited(&mut self) -> Option<String> {
         let started = self.child.as_mut()?;
@@ -171,9 +176,27 @@ impl Server {
     }
 }
 
+/// CPU seconds (user + system) used by process `pid` (a number or `self`), from
+/// `/proc/PID/stat`.
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: count fields after it.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| ticks / per_second as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_seconds_reads_this_process() {
+        let spent = cpu_seconds("self").expect("/proc/self/stat");
+        assert!(spent >= 0.0);
+    }
 
     #[test]
     fn only_loopback_urls_are_accepted() {
