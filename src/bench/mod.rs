@@ -192,22 +192,12 @@ async fn run_all(opts: &Options) -> Result<Vec<Report>, String> {
         };
         // Every loop is bounded by itself; this is the backstop against a hung server.
         let limit = Duration::from_secs_f64(opts.duration) + Duration::from_secs(300);
-        let cpu_before = (
-            server.cpu_seconds(),
-            server::cpu_seconds("self"),
-            Instant::now(),
-        );
         let result = tokio::time::timeout(limit, run_one(&ctx, scenario, &name)).await;
-        let percent = |before: Option<f64>, after: Option<f64>| {
-            Some((after? - before?) * 100.0 / cpu_before.2.elapsed().as_secs_f64())
-        };
         let mut report = match result {
             Ok(Ok(report)) => report,
             Ok(Err(e)) => failed(&name, e),
             Err(_) => failed(&name, format!("did not finish within {limit:?}")),
         };
-        report.server_cpu_percent = percent(cpu_before.0, server.cpu_seconds());
-        report.bench_cpu_percent = percent(cpu_before.1, server::cpu_seconds("self"));
         if let Some((rss, peak)) = server.rss_mib() {
             report.server_rss_mib = Some(rss);
             report.server_peak_rss_mib = Some(peak);

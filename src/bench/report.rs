@@ -108,7 +108,8 @@ pub struct Report {
     pub errors: Errors,
     pub server_rss_mib: Option<f64>,
     pub server_peak_rss_mib: Option<f64>,
-    /// CPU used over the whole scenario, in % of one core: the server's and the bench's.
+    /// CPU used during the load (from the first publish to the end of the drain), in %
+    /// of one core: the server's and the bench's.
     /// A bench near 100 % means the figures are bounded by the client, not the server.
     pub server_cpu_percent: Option<f64>,
     pub bench_cpu_percent: Option<f64>,

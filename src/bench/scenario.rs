@@ -73,6 +73,7 @@ pub async fn publish(ctx: &Ctx<'_>, name: &str, transport: Transport) -> Result<
         Transport::Ws => format!("WebSocket connections (window {WS_WINDOW})"),
     };
     ctx.progress(&format!("{name}: publishing for {} s", opts.duration));
+    let cpu = ctx.server.cpu_mark();
     let schedule = Schedule::new(ctx.duration(), opts.rate);
     let published = load::publish(
         ctx.addr(),
@@ -83,6 +84,7 @@ pub async fn publish(ctx: &Ctx<'_>, name: &str, transport: Transport) -> Result<
     )
     .await;
     let mut report = publisher_report(name, &schedule, &published);
+    (report.server_cpu_percent, report.bench_cpu_percent) = cpu.percent_since(ctx.server);
     report.mode = format!(
         "{}, {} {transport_text} to {destination}",
         mode(opts.rate),
@@ -115,6 +117,7 @@ pub async fn fanout(
     // Memberships are in place once a stream is open; a short pause lets the
     // subscribers' first reads settle before the clock starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu = ctx.server.cpu_mark();
     let schedule = Schedule::new(ctx.duration(), Some(rate));
     let published = load::publish(
         ctx.addr(),
@@ -129,6 +132,7 @@ pub async fn fanout(
     merge(&mut errors, received.errors);
 
     let mut report = publisher_report(name, &schedule, &published);
+    (report.server_cpu_percent, report.bench_cpu_percent) = cpu.percent_since(ctx.server);
     merge(&mut report.errors, errors);
     report.mode = format!(
         "{}, {FANOUT_PUBLISHERS} HTTP publishers, {} subscribers",
@@ -234,6 +238,7 @@ pub async fn overload(ctx: &Ctx<'_>, name: &str) -> Result<Report, String> {
         "{name}: {} publishers at max rate into {channel} with one slow receiver for {} s",
         ctx.opts.connections, ctx.opts.duration
     ));
+    let cpu = ctx.server.cpu_mark();
     let stop = CancellationToken::new();
     let slow = tokio::spawn({
         let (stop, path) = (stop.clone(), path.clone());
@@ -270,6 +275,7 @@ pub async fn overload(ctx: &Ctx<'_>, name: &str) -> Result<Report, String> {
         .map_err(|_| "the receiver panicked".to_string())?;
 
     let mut report = publisher_report(name, &schedule, &published);
+    (report.server_cpu_percent, report.bench_cpu_percent) = cpu.percent_since(ctx.server);
     merge(&mut report.errors, receive_errors);
     report.mode = format!(
         "max rate (closed loop), {} HTTP publishers, one receiver pausing {} ms",

@@ -139,9 +139,13 @@ impl Server {
         Some((kib("VmRSS:")? / 1024.0, kib("VmHWM:")? / 1024.0))
     }
 
-    /// CPU seconds (user + system) the server has used so far, when its pid is known.
-    pub fn cpu_seconds(&self) -> Option<f64> {
-        cpu_seconds(&self.pid?.to_string())
+    /// The CPU time used so far by the server and by the bench, to measure a load phase.
+    pub fn cpu_mark(&self) -> CpuMark {
+        CpuMark {
+            server: self.pid.and_then(|pid| cpu_seconds(&pid.to_string())),
+            bench: cpu_seconds("self"),
+            at: std::time::Instant::now(),
+        }
     }
 
     /// Whether a server that the bench started has exited (e.g. crashed under load).
@@ -173,6 +177,27 @@ impl Server {
         {
             let _ = started.child.kill().await;
         }
+    }
+}
+
+/// CPU seconds used by the server and the bench at one instant.
+pub struct CpuMark {
+    server: Option<f64>,
+    bench: Option<f64>,
+    at: std::time::Instant,
+}
+
+impl CpuMark {
+    /// The CPU use of the server and of the bench since this mark, in % of one core.
+    pub fn percent_since(&self, server: &Server) -> (Option<f64>, Option<f64>) {
+        let now = server.cpu_mark();
+        let wall = (now.at - self.at).as_secs_f64().max(1e-6);
+        let percent =
+            |before: Option<f64>, after: Option<f64>| Some((after? - before?) * 100.0 / wall);
+        (
+            percent(self.server, now.server),
+            percent(self.bench, now.bench),
+        )
     }
 }
 
