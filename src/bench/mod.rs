@@ -144,7 +144,8 @@ pub fn run(opts: Options) -> Result<(), String> {
             // SAFETY: sysconf has no preconditions.
             host_cpus: unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } as i64,
             herald_version: env!("CARGO_PKG_VERSION"),
-            options: serde_json::json!({ "options": opts, "fd_limit": fd_limit }),
+            fd_limit,
+            options: serde_json::json!(opts),
         };
         let doc = serde_json::json!({ "meta": meta, "scenarios": reports });
         let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;

@@ -90,7 +90,7 @@ pub struct Report {
     pub subscribers_connected: usize,
     /// Publishes the server accepted (2xx or WebSocket `ok`).
     pub publishes: u64,
-    pub publishes_per_s: f64,
+    pub publishes_per_s: Option<f64>,
     /// Messages the subscribers (or the receiver) got.
     pub deliveries: u64,
     pub deliveries_per_s: Option<f64>,
@@ -105,6 +105,9 @@ pub struct Report {
     /// What the latency measures: `publish ack` or `scheduled send to receive`.
     pub latency_kind: Option<String>,
     pub latency: Option<Latency>,
+    /// Fan-out: the latency of the publishes' acknowledgements (due time to 2xx), to tell
+    /// the durable write apart from the delivery.
+    pub publish_latency: Option<Latency>,
     pub errors: Errors,
     pub server_rss_mib: Option<f64>,
     pub server_peak_rss_mib: Option<f64>,
@@ -124,6 +127,8 @@ pub struct Meta {
     pub date: String,
     pub host_cpus: i64,
     pub herald_version: &'static str,
+    /// The bench's open-file limit after raising it.
+    pub fd_limit: Option<u64>,
     pub options: serde_json::Value,
 }
 
@@ -164,9 +169,10 @@ pub fn table(reports: &[Report]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.scenario,
-            r.publishes_per_s,
+            r.publishes_per_s
+                .map_or("-".to_string(), |p| format!("{p:.0}")),
             r.deliveries_per_s
                 .map_or("-".to_string(), |d| format!("{d:.0}")),
             delivered,
@@ -188,6 +194,13 @@ pub fn notes(reports: &[Report]) -> String {
         let _ = write!(out, "- {}: {}", r.scenario, r.mode);
         if let Some(kind) = &r.latency_kind {
             let _ = write!(out, "; latency = {kind}");
+        }
+        if let Some(l) = &r.publish_latency {
+            let _ = write!(
+                out,
+                "; publish ack p50/p99 {:.2}/{:.2} ms",
+                l.p50_ms, l.p99_ms
+            );
         }
         if let (Some(server), Some(bench)) = (r.server_cpu_percent, r.bench_cpu_percent) {
             let _ = write!(out, "; CPU: server {server:.0} %, bench {bench:.0} %");

@@ -164,6 +164,7 @@ pub async fn fanout(
     }
     report.latency_kind = Some("end to end: scheduled send to receive".into());
     report.latency = percentiles(received.latencies_us);
+    report.publish_latency = percentiles(published.latencies_us);
     if ctx.shared_server() {
         discard(ctx.addr(), group, &channels).await;
     }
@@ -364,7 +365,7 @@ fn publisher_report(name: &str, schedule: &Schedule, published: &Published) -> R
         scenario: name.into(),
         duration_s: schedule_elapsed(schedule, published),
         publishes,
-        publishes_per_s: publishes as f64 / schedule_elapsed(schedule, published),
+        publishes_per_s: Some(publishes as f64 / schedule_elapsed(schedule, published)),
         errors: published.errors.clone(),
         ..Report::default()
     };
