@@ -21,6 +21,8 @@ use super::{Options, PublishTarget};
 
 /// Subscribers opened at once: enough to connect thousands quickly without a SYN flood.
 const OPEN_CONCURRENCY: usize = 64;
+/// How long one subscriber may take to connect and subscribe.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Publisher connections of the fan-out scenarios.
 const FANOUT_PUBLISHERS: usize = 16;
 /// After the last publish, subscribers stop once all is delivered, or after this long
@@ -415,11 +417,16 @@ async fn open_subscribers(
 ) -> (Vec<Subscriber>, Errors, Option<String>) {
     let results: Vec<_> = futures_util::stream::iter(channels)
         .map(|channel| async move {
-            if ws {
-                Subscriber::ws(addr, group, channel).await
-            } else {
-                Subscriber::sse(addr, group, channel).await
-            }
+            let open = async {
+                if ws {
+                    Subscriber::ws(addr, group, channel).await
+                } else {
+                    Subscriber::sse(addr, group, channel).await
+                }
+            };
+            tokio::time::timeout(OPEN_TIMEOUT, open)
+                .await
+                .unwrap_or_else(|_| Err(("timeout".into(), "subscribing timed out".into())))
         })
         .buffer_unordered(OPEN_CONCURRENCY)
         .collect()
