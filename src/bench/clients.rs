@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
@@ -21,6 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::report::{Errors, count};
 use super::since_base_us;
+
+/// The longest a request may take, or a WebSocket publisher may wait for an ack: a
+/// stalled server fails the request instead of hanging the run.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A WebSocket connection to `/v1/ws`.
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -86,17 +90,25 @@ impl HttpConn {
         self.sender.send_request(request).await
     }
 
-    /// Sends one request and reads the whole answer.
+    /// Sends one request and reads the whole answer within [`REQUEST_TIMEOUT`]; fails
+    /// with the error code `io` or `timeout`, after which the connection is unusable.
     pub async fn request(
         &mut self,
         method: Method,
         path: &str,
         json: Option<Bytes>,
-    ) -> Result<(StatusCode, Bytes), hyper::Error> {
-        let response = self.send(method, path, json).await?;
-        let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok((status, body))
+    ) -> Result<(StatusCode, Bytes), &'static str> {
+        let exchange = async {
+            let response = self.send(method, path, json).await?;
+            let status = response.status();
+            let body = response.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, body))
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err("io"),
+            Err(_) => Err("timeout"),
+        }
     }
 }
 

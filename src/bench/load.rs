@@ -13,7 +13,7 @@ use hyper::Method;
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as Frame;
 
-use super::clients::{HttpConn, Reply, error_code, ws_connect};
+use super::clients::{HttpConn, REQUEST_TIMEOUT, Reply, error_code, ws_connect};
 use super::report::{Errors, count, merge};
 use super::since_base_us;
 
@@ -221,8 +221,8 @@ async fn publish_http(
                 );
             }
             Ok((status, body)) => count(&mut out.errors, error_code(status, &body), 1),
-            Err(_) => {
-                count(&mut out.errors, "io", 1);
+            Err(code) => {
+                count(&mut out.errors, code, 1);
                 conn = None;
             }
         }
@@ -259,12 +259,16 @@ async fn publish_ws(addr: SocketAddr, destination: &Destination, schedule: &Sche
                 in_flight.insert(seq, at);
                 next = schedule.claim();
             }
-            frame = ws.next(), if !in_flight.is_empty() => {
+            frame = tokio::time::timeout(REQUEST_TIMEOUT, ws.next()), if !in_flight.is_empty() => {
                 let reply = match frame {
-                    Some(Ok(Frame::Text(text))) => serde_json::from_str::<Reply>(&text).ok(),
-                    Some(Ok(_)) => continue,
-                    _ => {
+                    Ok(Some(Ok(Frame::Text(text)))) => serde_json::from_str::<Reply>(&text).ok(),
+                    Ok(Some(Ok(_))) => continue,
+                    Ok(_) => {
                         count(&mut out.errors, "io", in_flight.len() as u64);
+                        break;
+                    }
+                    Err(_) => {
+                        count(&mut out.errors, "timeout", in_flight.len() as u64);
                         break;
                     }
                 };

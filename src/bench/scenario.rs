@@ -332,7 +332,7 @@ async fn receive_one(conn: &mut HttpConn, path: &str) -> Result<Option<u64>, Str
             .map_err(|_| "undecodable receive".to_string()),
         Ok((StatusCode::NO_CONTENT, _)) => Ok(None),
         Ok((status, body)) => Err(error_code(status, &body)),
-        Err(_) => Err("io".to_string()),
+        Err(code) => Err(code.to_string()),
     }
 }
 
