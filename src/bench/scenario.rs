@@ -228,15 +228,9 @@ pub async fn idle_sse(ctx: &Ctx<'_>, name: &str) -> Result<Report, String> {
 /// receiver, then a drain; every accepted message must be received exactly once.
 pub async fn overload(ctx: &Ctx<'_>, name: &str) -> Result<Report, String> {
     let channel = "bench-overload";
-    let path = format!("/v1/channels/{channel}/messages");
-    let mut receiver = HttpConn::connect(ctx.addr())
-        .await
-        .map_err(|e| format!("cannot connect: {}", e.detail))?;
+    let mut receiver = Receiver::new(ctx.addr(), channel);
     // A server that outlives the bench may hold messages of an earlier run.
-    let leftovers = receive_all(&mut receiver, &path, 0.0, Duration::from_secs(30))
-        .await
-        .0
-        .len();
+    let (leftovers, early_errors) = receiver.receive_all(0.0, Duration::from_secs(30)).await;
     ctx.progress(&format!(
         "{name}: {} publishers at max rate into {channel} with one slow receiver for {} s",
         ctx.opts.connections, ctx.opts.duration
@@ -244,12 +238,12 @@ pub async fn overload(ctx: &Ctx<'_>, name: &str) -> Result<Report, String> {
     let cpu = ctx.server.cpu_mark();
     let stop = CancellationToken::new();
     let slow = tokio::spawn({
-        let (stop, path) = (stop.clone(), path.clone());
+        let stop = stop.clone();
         async move {
             let mut seqs = Vec::new();
-            let mut errors = Errors::new();
+            let mut errors = early_errors;
             while !stop.is_cancelled() {
-                match receive_one(&mut receiver, &format!("{path}?wait=1")).await {
+                match receiver.receive(1.0).await {
                     Ok(Some(seq)) => seqs.push(seq),
                     Ok(None) => {}
                     Err(code) => count(&mut errors, code, 1),
@@ -257,7 +251,7 @@ pub async fn overload(ctx: &Ctx<'_>, name: &str) -> Result<Report, String> {
                 tokio::time::sleep(SLOW_RECEIVER_PAUSE).await;
             }
             // Then take what is left, until the channel has been empty for half a second.
-            let (rest, rest_errors) = receive_all(&mut receiver, &path, 0.5, DRAIN_MAX * 2).await;
+            let (rest, rest_errors) = receiver.receive_all(0.5, DRAIN_MAX * 2).await;
             seqs.extend(rest);
             merge(&mut errors, rest_errors);
             (seqs, errors)
@@ -294,9 +288,10 @@ pub async fn overload(ctx: &Ctx<'_>, name: &str) -> Result<Report, String> {
     report.overload = Some(check);
     report.latency_kind = Some("publish: due time to acknowledgement (accepted only)".into());
     report.latency = percentiles(published.latencies_us);
-    if leftovers > 0 {
+    if !leftovers.is_empty() {
         report.notes.push(format!(
-            "drained {leftovers} messages of an earlier run first"
+            "drained {} messages of an earlier run first",
+            leftovers.len()
         ));
     }
     Ok(report)
@@ -320,44 +315,68 @@ fn exactly_once(accepted: &[u64], received: &[u64]) -> OverloadCheck {
     }
 }
 
-/// One long-poll receive: the message's `seq`, or `None` on 204.
-async fn receive_one(conn: &mut HttpConn, path: &str) -> Result<Option<u64>, String> {
-    #[derive(Deserialize)]
-    struct Got {
-        message: Stamp,
-    }
-    match conn.request(Method::GET, path, None).await {
-        Ok((StatusCode::OK, body)) => serde_json::from_slice::<Got>(&body)
-            .map(|got| Some(got.message.seq))
-            .map_err(|_| "undecodable receive".to_string()),
-        Ok((StatusCode::NO_CONTENT, _)) => Ok(None),
-        Ok((status, body)) => Err(error_code(status, &body)),
-        Err(code) => Err(code.to_string()),
-    }
+/// A long-poll receiver of one channel that reconnects after a broken connection.
+struct Receiver {
+    addr: SocketAddr,
+    path: String,
+    conn: Option<HttpConn>,
 }
 
-/// Receives from the channel at `path` until a wait of `wait` seconds finds it empty, or
-/// `limit` has passed.
-async fn receive_all(
-    conn: &mut HttpConn,
-    path: &str,
-    wait: f64,
-    limit: Duration,
-) -> (Vec<u64>, Errors) {
-    let deadline = Instant::now() + limit;
-    let (mut seqs, mut errors) = (Vec::new(), Errors::new());
-    let path = format!("{path}?wait={wait}");
-    while Instant::now() < deadline {
-        match receive_one(conn, &path).await {
-            Ok(Some(seq)) => seqs.push(seq),
-            Ok(None) => break,
+impl Receiver {
+    fn new(addr: SocketAddr, channel: &str) -> Receiver {
+        Receiver {
+            addr,
+            path: format!("/v1/channels/{channel}/messages"),
+            conn: None,
+        }
+    }
+
+    /// One receive waiting up to `wait` seconds: the message's `seq`, or `None` on 204.
+    async fn receive(&mut self, wait: f64) -> Result<Option<u64>, String> {
+        #[derive(Deserialize)]
+        struct Got {
+            message: Stamp,
+        }
+        let conn = match self.conn.as_mut() {
+            Some(conn) => conn,
+            None => {
+                let conn = HttpConn::connect(self.addr).await.map_err(|e| e.code)?;
+                self.conn.insert(conn)
+            }
+        };
+        match conn
+            .request(Method::GET, &format!("{}?wait={wait}", self.path), None)
+            .await
+        {
+            Ok((StatusCode::OK, body)) => serde_json::from_slice::<Got>(&body)
+                .map(|got| Some(got.message.seq))
+                .map_err(|_| "undecodable receive".to_string()),
+            Ok((StatusCode::NO_CONTENT, _)) => Ok(None),
+            Ok((status, body)) => Err(error_code(status, &body)),
             Err(code) => {
-                count(&mut errors, code, 1);
-                break;
+                self.conn = None;
+                Err(code.to_string())
             }
         }
     }
-    (seqs, errors)
+
+    /// Receives until a wait of `wait` seconds finds the channel empty, retrying after
+    /// errors, for at most `limit`.
+    async fn receive_all(&mut self, wait: f64, limit: Duration) -> (Vec<u64>, Errors) {
+        let deadline = Instant::now() + limit;
+        let (mut seqs, mut errors) = (Vec::new(), Errors::new());
+        while Instant::now() < deadline {
+            match self.receive(wait).await {
+                Ok(Some(seq)) => seqs.push(seq),
+                Ok(None) => break,
+                Err(code) => {
+                    count(&mut errors, code, 1);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        (seqs, errors)
+    }
 }
 
 /// The report fields that come from the publishers alone.
