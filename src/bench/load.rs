@@ -20,6 +20,11 @@ use super::since_base_us;
 /// A WebSocket publisher keeps at most this many requests unacknowledged.
 pub const WS_WINDOW: usize = 8;
 
+/// Open-loop rates up to this many publishes/s are timed precisely (see [`Schedule::wait`]).
+const PRECISE_RATE: f64 = 200.0;
+/// How long before a due time a precise wait stops sleeping and starts yielding.
+const PRECISE_SPAN: Duration = Duration::from_micros(1500);
+
 /// Padding that brings a bench message to about 100 bytes of JSON.
 const PAD: &str = "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
 
@@ -54,6 +59,27 @@ impl Schedule {
             None => Instant::now(),
         };
         (due < self.end).then_some((seq, due))
+    }
+
+    /// Waits until `due`. Tokio's timer has a resolution of 1 ms, which would add up to
+    /// 1 ms of client lag to every latency; at rates up to [`PRECISE_RATE`] the last
+    /// stretch is spent yielding instead, which costs at most that much CPU.
+    pub async fn wait(&self, due: Instant) {
+        if !self.rate.is_some_and(|rate| rate <= PRECISE_RATE) {
+            tokio::time::sleep_until(due.into()).await;
+            return;
+        }
+        if let Some(early) = due.checked_sub(PRECISE_SPAN) {
+            tokio::time::sleep_until(early.into()).await;
+        }
+        while Instant::now() < due {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Whether publishes are due at a fixed rate (open loop), so their send lag matters.
+    pub fn open_loop(&self) -> bool {
+        self.rate.is_some()
     }
 
     /// When the load started.
@@ -117,6 +143,8 @@ pub struct Published {
     pub reported_full: u64,
     /// Latency of each accepted publish: from its due time to its acknowledgement.
     pub latencies_us: Vec<u64>,
+    /// Open loop: how late each publish went out (the client's own lag), in µs.
+    pub send_lag_us: Vec<u64>,
     pub errors: Errors,
     /// The first connection error, for the notes (e.g. "Too many open files").
     pub connect_error: Option<String>,
@@ -133,11 +161,20 @@ impl Published {
         self.reported_full += full.unwrap_or(0);
     }
 
+    /// Notes that a publish due at `due` is being sent now.
+    fn sending(&mut self, schedule: &Schedule, due: Instant) {
+        if schedule.open_loop() {
+            self.send_lag_us
+                .push(since_base_us().saturating_sub(super::base_us(due)));
+        }
+    }
+
     fn merge(&mut self, other: Published) {
         self.accepted.extend(other.accepted);
         self.reported_delivered += other.reported_delivered;
         self.reported_full += other.reported_full;
         self.latencies_us.extend(other.latencies_us);
+        self.send_lag_us.extend(other.send_lag_us);
         merge(&mut self.errors, other.errors);
         self.connect_error = self.connect_error.take().or(other.connect_error);
         self.end = self.end.max(other.end);
@@ -195,7 +232,7 @@ async fn publish_http(
     let mut out = Published::default();
     let mut conn: Option<HttpConn> = None;
     while let Some((seq, due)) = schedule.claim() {
-        tokio::time::sleep_until(due.into()).await;
+        schedule.wait(due).await;
         let c = match conn.as_mut() {
             Some(c) => c,
             None => match HttpConn::connect(addr).await {
@@ -210,6 +247,7 @@ async fn publish_http(
             },
         };
         let body = Bytes::from(message(seq, due));
+        out.sending(schedule, due);
         match c.request(Method::POST, &path, Some(body)).await {
             Ok((status, body)) if status.is_success() => {
                 let counts = serde_json::from_slice::<Accepted>(&body).ok();
@@ -249,8 +287,9 @@ async fn publish_ws(addr: SocketAddr, destination: &Destination, schedule: &Sche
     while next.is_some() || !in_flight.is_empty() {
         let due = next.filter(|_| in_flight.len() < WS_WINDOW);
         tokio::select! {
-            _ = tokio::time::sleep_until(due.map_or(schedule.end, |(_, at)| at).into()), if due.is_some() => {
+            _ = schedule.wait(due.map_or(schedule.end, |(_, at)| at)), if due.is_some() => {
                 let (seq, at) = due.expect("guarded");
+                out.sending(schedule, at);
                 let request = destination.ws_request(seq, &message(seq, at));
                 if ws.send(Frame::text(request)).await.is_err() {
                     count(&mut out.errors, "io", 1 + in_flight.len() as u64);

@@ -108,6 +108,9 @@ pub struct Report {
     /// Fan-out: the latency of the publishes' acknowledgements (due time to 2xx), to tell
     /// the durable write apart from the delivery.
     pub publish_latency: Option<Latency>,
+    /// Open loop: how late the bench sent each publish after its due time (its own lag,
+    /// included in the latencies).
+    pub send_lag: Option<Latency>,
     pub errors: Errors,
     pub server_rss_mib: Option<f64>,
     pub server_peak_rss_mib: Option<f64>,
@@ -201,6 +204,9 @@ pub fn notes(reports: &[Report]) -> String {
                 "; publish ack p50/p99 {:.2}/{:.2} ms",
                 l.p50_ms, l.p99_ms
             );
+        }
+        if let Some(l) = &r.send_lag {
+            let _ = write!(out, "; send lag p50/p99 {:.3}/{:.3} ms", l.p50_ms, l.p99_ms);
         }
         if let (Some(server), Some(bench)) = (r.server_cpu_percent, r.bench_cpu_percent) {
             let _ = write!(out, "; CPU: server {server:.0} %, bench {bench:.0} %");

@@ -388,6 +388,7 @@ fn publisher_report(name: &str, schedule: &Schedule, published: &Published) -> R
         publishes,
         publishes_per_s: Some(publishes as f64 / schedule_elapsed(schedule, published)),
         errors: published.errors.clone(),
+        send_lag: percentiles(published.send_lag_us.clone()),
         ..Report::default()
     };
     if let Some(detail) = &published.connect_error {
