@@ -7,7 +7,10 @@
 //! - [`layer`]: the channel layer (channels, groups, capacity, expiry, waiting receivers). No HTTP.
 //! - [`http`]: the warp routes (HTTP, SSE, WebSocket) and the one mapping of errors to status codes.
 //! - [`server`]: binds, serves, sweeps, and shuts down on a signal.
+//! - [`bench`]: `herald bench`, a load generator that uses only the public API.
 
+/// `herald bench`: the load generator, a client of the public HTTP, SSE and WebSocket API.
+pub mod bench;
 pub mod config;
 pub mod http;
 pub mod layer;

@@ -78,6 +78,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Run load scenarios against a fresh server (or --url) and report throughput,
+    /// delivery, latency, errors and server memory.
+    Bench(herald::bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -113,6 +116,7 @@ fn main() -> ExitCode {
             file,
         } => dump::import(&data_dir, input.or(file).as_deref()),
         Command::Backup { url, out } => dump::backup(&url, &out),
+        Command::Bench(options) => herald::bench::run(options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
