@@ -272,7 +272,9 @@ async fn resuming_past_the_replay_log_starts_with_a_gap_event() {
 
 #[tokio::test]
 async fn resuming_after_expired_messages_starts_with_a_gap_event() {
-    let server = Server::start_with("[layer]\nexpiry_secs = 1\n").await;
+    // The replay window outlasts the expiry, so that a sweep between the expiry and the
+    // resume cannot forget the channel (and with it what was lost; see the README).
+    let server = Server::start_with("[layer]\nexpiry_secs = 1\nreplay_secs = 30\n").await;
     let api = Api::new(&server);
     let first = api.send("fading", &msg(1)).await;
     assert_eq!(api.receive("fading").await.unwrap().0, first);
