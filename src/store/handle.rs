@@ -115,8 +115,13 @@ impl Handle {
 
     /// Runs a write (or flush). An I/O error marks the database as failing, for the
     /// healer. `op` runs under the handle's read lock, so whatever it does after the
-    /// write (taking a flush ticket) happens before any reopen.
+    /// write (taking a flush ticket) happens before any reopen. While the database is
+    /// failing, writes are refused at once with its error: sled may block a writer
+    /// that waits for log space its failed writes will never free.
     pub fn write<T>(&self, op: impl FnOnce(&sled::Db) -> sled::Result<T>) -> Result<T, StoreError> {
+        if let Some(failure) = self.failing() {
+            return Err(failure.to_error());
+        }
         let current = self.current.read();
         let Some(db) = &current.db else {
             return Err(self.closed_error());

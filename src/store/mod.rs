@@ -9,7 +9,8 @@
 //! memory ([`Store::append`]) and the flusher writes all those of one flush as one
 //! [`MessageBatch`] under one key, just before flushing. One sled insert costs about as
 //! much CPU as a small flush, so this is what lets a flush carry many messages cheaply.
-//! In `interval` mode the same thread writes and flushes once per interval.
+//! In `interval` mode there is no flusher: records are inserted at once (a batch of
+//! one each) and sled flushes on its own timer.
 //!
 //! The store knows nothing of HTTP.
 
@@ -163,8 +164,12 @@ impl Store {
         std::fs::write(&probe, b"ok")
             .and_then(|_| std::fs::remove_file(&probe))
             .map_err(|e| unusable(format!("not writable: {e}")))?;
-        // The flusher thread flushes in both modes: it must write the pending batches first.
-        let config = sled::Config::new().path(path).flush_every_ms(None);
+        // `interval` mode is sled's own timer; in `sync` mode the flusher thread flushes.
+        let flush_every = match durability {
+            Durability::Sync => None,
+            Durability::Interval => Some(flush_interval.as_millis().max(1) as u64),
+        };
+        let config = sled::Config::new().path(path).flush_every_ms(flush_every);
         let had_data = holds_sled_data(path);
         let db = config.open().map_err(|e| open_error(path, e))?;
         if had_data && db.is_empty() {
@@ -193,17 +198,17 @@ impl Store {
             .unwrap_or(0);
         let db = Handle::new(path, config, db);
         let spawn_failed = |e: io::Error| StoreError::Io(format!("starting a thread: {e}"));
-        let period = match durability {
-            Durability::Sync => None,
-            Durability::Interval => Some(flush_interval.max(Duration::from_millis(1))),
-        };
-        let thread = {
-            let db = db.clone();
-            let flusher = flusher.clone();
-            std::thread::Builder::new()
-                .name("herald-flusher".into())
-                .spawn(move || flusher.run(&db, period))
-                .map_err(spawn_failed)?
+        let thread = match durability {
+            Durability::Sync => {
+                let db = db.clone();
+                let flusher = flusher.clone();
+                let thread = std::thread::Builder::new()
+                    .name("herald-flusher".into())
+                    .spawn(move || flusher.run(&db))
+                    .map_err(spawn_failed)?;
+                Some(thread)
+            }
+            Durability::Interval => None,
         };
         let lose = flusher.clone();
         let healer = db
@@ -214,7 +219,7 @@ impl Store {
             path: path.to_path_buf(),
             durability,
             flusher,
-            thread: Mutex::new(Some(thread)),
+            thread: Mutex::new(thread),
             healer: Mutex::new(Some(healer)),
             id_floor,
         })
@@ -235,9 +240,17 @@ impl Store {
         self.db.get(key)
     }
 
-    /// Queues a message record; the flusher writes it with the others of its flush.
-    /// Refused at once while writes are failing (a full disk).
+    /// Stores a message record. In `sync` mode it waits in memory and the flusher writes
+    /// it with the others of its flush; in `interval` mode (no flusher) it is written at
+    /// once as a batch of one. Refused at once while writes are failing (a full disk).
     pub fn append(&self, id: u64, record: &Record) -> Result<Ticket, StoreError> {
+        if self.durability == Durability::Interval {
+            let batch = MessageBatch::new(id, record);
+            return self.db.write(|db| {
+                db.insert(keys::message(id), batch.into_bytes())?;
+                Ok(self.written())
+            });
+        }
         if let Some(failure) = self.db.failing() {
             return Err(failure.to_error());
         }
@@ -439,28 +452,20 @@ impl Flusher {
         (target, result)
     }
 
-    /// The flusher thread: one flush at a time, each covering every write before it.
-    /// `period`: flush on this timer (`interval` mode) rather than when asked (`sync`).
-    fn run(&self, db: &Handle, period: Option<Duration>) {
+    /// The flusher thread (`sync` mode): one flush at a time, each covering every write
+    /// before it.
+    fn run(&self, db: &Handle) {
         loop {
             let busy = {
                 let mut pending = self.pending.lock();
                 let busy = *pending;
-                match period {
-                    None => {
-                        while !*pending {
-                            self.wake.wait(&mut pending);
-                        }
-                    }
-                    Some(period) if !*pending => {
-                        self.wake.wait_for(&mut pending, period);
-                    }
-                    Some(_) => {}
+                while !*pending {
+                    self.wake.wait(&mut pending);
                 }
                 *pending = false;
                 busy
             };
-            if busy && period.is_none() && !self.stop.load(Ordering::SeqCst) {
+            if busy && !self.stop.load(Ordering::SeqCst) {
                 self.gather();
             }
             let (target, written) = self.write_pending(db);
