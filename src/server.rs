@@ -8,15 +8,21 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::http::{self, Api};
 use crate::layer::clock::SystemClock;
 use crate::layer::{self, ChannelLayer};
 use crate::store::StoreError;
+
+/// How long the accept loop pauses after a failed accept (e.g. out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Opens the channel layer described by `settings` (blocking work, done off the runtime).
 /// A panic while opening (sled asserts on some damaged files) becomes an error that
@@ -73,12 +79,9 @@ pub async fn run(
     ));
     let timeout = Duration::from_secs(settings.server.shutdown_timeout_secs);
     let api = Api::new(layer.clone(), settings.server, token.clone());
-    let server = tokio::spawn(
-        warp::serve(http::routes(api))
-            .incoming(listener)
-            .graceful(token.clone().cancelled_owned())
-            .run(),
-    );
+    let watchdog = tokio::spawn(http::subscription::watchdog(api.clone()));
+    let background = api.background.clone();
+    let server = tokio::spawn(serve(listener, http::routes(api), token.clone()));
     shutdown.await;
     tracing::info!("shutting down: no new connections, ending streams");
     token.cancel();
@@ -88,12 +91,74 @@ pub async fn run(
             "connections still open at the shutdown timeout; closing them"
         );
     }
+    background.close();
+    if tokio::time::timeout(timeout, background.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("clean-up of closed streams still running at the shutdown timeout");
+    }
     let _ = sweeper.await;
+    let _ = watchdog.await;
     match tokio::task::spawn_blocking(move || layer.flush_to_disk()).await {
         Ok(Ok(())) => tracing::info!("storage flushed; bye"),
         Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
         Err(e) => tracing::error!(error = %e, "final flush failed"),
     }
+}
+
+/// Accepts connections and serves HTTP/1.1 on each (with upgrades, for WebSocket) until
+/// `stop` is cancelled; then stops accepting, lets every connection finish its
+/// in-flight request or stream, and returns once all have closed. Our own loop rather
+/// than `warp::serve`, for `TCP_NODELAY` (an SSE event is one small write that must
+/// not wait for an ACK) and for the lighter HTTP/1-only connection state.
+async fn serve<F>(listener: TcpListener, routes: F, stop: CancellationToken)
+where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let service = warp::service(routes);
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(e) => {
+                // Out of file descriptors, most likely: give connections time to close.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(service.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
 }
 
 /// Removes expired messages and lapsed memberships every `every`.

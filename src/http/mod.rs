@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -39,6 +40,9 @@ pub struct ApiState {
     pub shutdown: CancellationToken,
     connections: Arc<Semaphore>,
     streams: Arc<subscription::Registry>,
+    /// Clean-up that outlives a request (leaving the groups of a closed stream): the
+    /// shutdown waits for it before its final flush.
+    pub background: TaskTracker,
 }
 
 impl Api {
@@ -50,6 +54,7 @@ impl Api {
             settings: Arc::new(settings),
             shutdown,
             streams: Arc::default(),
+            background: TaskTracker::new(),
         }))
     }
 

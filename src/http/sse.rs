@@ -4,18 +4,23 @@
 //! browsers' EventSource gives up for good after any non-200 answer.
 
 use std::convert::Infallible;
+use std::fmt::Write;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::time::{Interval, MissedTickBehavior};
+use warp::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use warp::reply::Response;
 use warp::sse::Event;
 use warp::{Filter, Rejection, Reply};
 
 use super::error::{ApiError, ErrorKind};
 use super::reply::Doc;
-use super::subscription::{self, Push, Spec};
+use super::subscription::{Push, Spec, Subscription};
 use super::{Api, Query};
 use crate::layer::names;
 
@@ -45,16 +50,55 @@ fn resume_after(header: Option<String>, query: Option<&Query>) -> Result<Option<
     }
 }
 
-fn event(push: Push) -> Result<Event, Infallible> {
-    Ok(match push {
-        Push::Message { id, message } => Event::default().id(id.to_string()).data(message.json()),
-        Push::Gap(gap) => Event::default().event("herald.gap").data(
-            Doc::new()
-                .id("after", gap.after)
-                .id("next", gap.next)
-                .to_json(),
-        ),
-    })
+/// One event in the wire format: `data:` (one line of JSON), then `id:`, then a blank line.
+fn encode(push: &Push) -> Bytes {
+    let mut out = BytesMut::new();
+    // Writing into a BytesMut cannot fail.
+    let _ = match push {
+        Push::Message { id, message } => {
+            let json = message.json();
+            out.reserve(json.len() + 32);
+            write!(out, "data:{json}\nid:{id}\n\n")
+        }
+        Push::Gap(gap) => {
+            let doc = Doc::new().id("after", gap.after).id("next", gap.next);
+            write!(out, "event:herald.gap\ndata:{}\n\n", doc.to_json())
+        }
+    };
+    out.freeze()
+}
+
+/// The comment written when a stream has been quiet for a keepalive interval.
+const KEEPALIVE: &[u8] = b": keepalive\n\n";
+
+/// An SSE response body: the subscription's events, encoded, with a keepalive comment
+/// after every interval in which nothing was written (so proxies keep the connection).
+struct Events {
+    subscription: Subscription,
+    keepalive: Interval,
+    wrote: bool,
+}
+
+impl Stream for Events {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.subscription).poll_next(cx) {
+            Poll::Ready(Some(push)) => {
+                this.wrote = true;
+                return Poll::Ready(Some(Ok(encode(&push))));
+            }
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
+        }
+        while this.keepalive.poll_tick(cx).is_ready() {
+            if !std::mem::take(&mut this.wrote) {
+                return Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE))));
+            }
+        }
+        Poll::Pending
+    }
 }
 
 /// A stream that tells the browser to come back later, then ends.
@@ -69,14 +113,21 @@ fn retry_later() -> Response {
     warp::sse::reply(stream).into_response()
 }
 
-async fn stream(api: Api, spec: Spec, permit: OwnedSemaphorePermit) -> Result<Response, Rejection> {
-    let (outbox, _stop) = subscription::start(&api, spec, Some(permit)).await;
-    let events = ReceiverStream::new(outbox).map(event);
-    let keepalive = warp::sse::keep_alive()
-        .interval(Duration::from_secs(api.settings.keepalive_secs))
-        .text(" keepalive")
-        .stream(events);
-    Ok(warp::sse::reply(keepalive).into_response())
+fn stream(api: &Api, spec: Spec, permit: OwnedSemaphorePermit) -> Result<Response, Rejection> {
+    let subscription = Subscription::start(api, spec, Some(permit)).map_err(ApiError::from)?;
+    let every = Duration::from_secs(api.settings.keepalive_secs);
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let events = Events {
+        subscription,
+        keepalive,
+        wrote: false,
+    };
+    let mut response = warp::reply::stream(events).into_response();
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
 }
 
 /// GET /v1/channels/{channel}/events
@@ -97,7 +148,7 @@ pub async fn channel_events(
         groups: Vec::new(),
         ephemeral: false,
     };
-    stream(api, spec, permit).await
+    stream(&api, spec, permit)
 }
 
 /// GET /v1/groups/{group}/events?channel=C
@@ -159,5 +210,5 @@ async fn joined_stream(
         groups,
         ephemeral,
     };
-    stream(api, spec, permit).await
+    stream(&api, spec, permit)
 }

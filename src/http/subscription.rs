@@ -1,25 +1,30 @@
 //! Long-lived deliveries of one channel to one client (an SSE stream or a WebSocket
 //! `subscribe`): replay after a last event id, then live messages, with backpressure.
 //!
-//! A task takes a message off the channel only when it holds a free slot in the
-//! client's bounded outbox, so a slow reader leaves its messages queued; when no slot
-//! frees up for `slow_consumer_secs`, the subscription ends. Every message handed to a
-//! client stays in the channel's replay log, so a client that lost its connection
-//! resumes with its last id and misses nothing. A resuming subscription takes the
-//! channel over: earlier subscriptions of that channel are stopped first.
+//! A [`Subscription`] is a stream polled by the client's connection itself: it takes a
+//! message off the channel only when the connection asks for the next one, so a slow
+//! reader leaves its messages queued, and a delivery costs no hand-off between tasks.
+//! The [`watchdog`] ends a subscription that had a message to hand over but was not
+//! asked for it for `slow_consumer_secs`. Every message handed to a client stays in the
+//! channel's replay log, so a client that lost its connection resumes with its last id
+//! and misses nothing. A resuming subscription takes the channel over: earlier
+//! subscriptions of that channel are cut off first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::Stream;
 use parking_lot::Mutex;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::Api;
-use crate::layer::Gap;
+use crate::layer::{self, Gap, Receiver, Revoker};
 use crate::message::Message;
 
 /// What a subscription pushes to its client.
@@ -30,12 +35,6 @@ pub enum Push {
     /// Messages a resuming client needed are no longer in the replay log (`herald.gap`).
     Gap(Gap),
 }
-
-/// Slots in a client's outbox: messages taken off the queue but not yet written.
-pub const OUTBOX: usize = 16;
-
-/// How long one receive waits before the loop looks around again.
-const RECEIVE_SLICE: Duration = Duration::from_secs(300);
 
 /// What to subscribe to.
 #[derive(Debug, Clone)]
@@ -50,37 +49,60 @@ pub struct Spec {
     pub ephemeral: bool,
 }
 
-/// The running subscriptions, by channel, so that a resuming one can stop the others.
+/// The running subscriptions, by channel, so that a resuming one can cut the others
+/// off and the watchdog can find the stalled ones.
 #[derive(Default)]
 pub struct Registry {
     next_id: AtomicU64,
     running: Mutex<HashMap<String, Vec<Running>>>,
 }
 
+/// One running subscription as the registry sees it.
 struct Running {
     id: u64,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    revoker: Revoker,
+    progress: Arc<Progress>,
+    /// The watchdog's view: the poll count at its last look, and since when the
+    /// subscription has been stalled.
+    seen_polls: u64,
+    stalled_since: Option<Instant>,
+}
+
+impl Running {
+    /// Stops the subscription: it takes nothing more, and its stream ends when next polled.
+    fn cut_off(&self) {
+        self.revoker.revoke();
+        self.stop.cancel();
+    }
+}
+
+/// What a subscription's stream tells the watchdog, without locks.
+#[derive(Default)]
+struct Progress {
+    /// Times the stream was polled.
+    polls: AtomicU64,
+    /// The last poll handed out an item: a connection that keeps up polls again at once.
+    handed_out: AtomicBool,
+    /// The watchdog ended it because its client did not read.
+    too_slow: AtomicBool,
 }
 
 impl Registry {
-    /// Stops every subscription of `channel` and waits until they have stopped, so
-    /// that none takes another message.
-    async fn take_over(&self, channel: &str) {
+    /// Cuts off every subscription of `channel`: once this returns, none takes another message.
+    fn take_over(&self, channel: &str) {
         let running = self.running.lock().remove(channel).unwrap_or_default();
-        for sub in running {
-            sub.stop.cancel();
-            let _ = sub.task.await;
+        for sub in &running {
+            sub.cut_off();
         }
     }
 
     fn insert(&self, channel: &str, running: Running) {
-        let mut map = self.running.lock();
-        let list = map.entry(channel.to_string()).or_default();
-        list.retain(|r| !r.task.is_finished());
-        if !running.task.is_finished() {
-            list.push(running);
-        }
+        self.running
+            .lock()
+            .entry(channel.to_string())
+            .or_default()
+            .push(running);
     }
 
     fn remove(&self, channel: &str, id: u64) {
@@ -92,139 +114,222 @@ impl Registry {
             }
         }
     }
-}
 
-/// Starts a subscription and returns its outbox and a token that stops it.
-pub async fn start(
-    api: &Api,
-    spec: Spec,
-    permit: Option<OwnedSemaphorePermit>,
-) -> (mpsc::Receiver<Push>, CancellationToken) {
-    if spec.last_event_id.is_some() {
-        api.streams.take_over(&spec.channel).await;
-    }
-    let (tx, rx) = mpsc::channel(OUTBOX);
-    let stop = api.shutdown.child_token();
-    let id = api.streams.next_id.fetch_add(1, Ordering::Relaxed);
-    let channel = spec.channel.clone();
-    let task = tokio::spawn({
-        let api = api.clone();
-        let stop = stop.clone();
-        async move {
-            run(&api, &spec, &tx, &stop).await;
-            finish(&api, &spec).await;
-            // The client's stream ends only now, so that a graceful shutdown, which
-            // waits for open connections before its final flush, covers `finish`.
-            drop(tx);
-            api.streams.remove(&spec.channel, id);
-            drop(permit);
+    /// Cuts off the subscriptions that had something to hand over (an item taken, or
+    /// a message waiting for them) but were not polled for `slow`.
+    fn cut_off_stalled(&self, slow: Duration) {
+        let now = Instant::now();
+        let mut map = self.running.lock();
+        for list in map.values_mut() {
+            list.retain_mut(|sub| {
+                let polls = sub.progress.polls.load(Ordering::Relaxed);
+                let stalled = polls == sub.seen_polls
+                    && (sub.progress.handed_out.load(Ordering::Relaxed)
+                        || sub.revoker.has_message_waiting());
+                sub.seen_polls = polls;
+                if !stalled {
+                    sub.stalled_since = None;
+                    return true;
+                }
+                let since = *sub.stalled_since.get_or_insert(now);
+                if now.duration_since(since) < slow {
+                    return true;
+                }
+                tracing::info!("ending a stream whose client has not read for {slow:?}");
+                sub.progress.too_slow.store(true, Ordering::Relaxed);
+                sub.cut_off();
+                false
+            });
         }
-    });
-    api.streams.insert(
-        &channel,
-        Running {
-            id,
-            stop: stop.clone(),
-            task,
-        },
-    );
-    (rx, stop)
+        map.retain(|_, list| !list.is_empty());
+    }
 }
 
-async fn run(api: &Api, spec: &Spec, tx: &mpsc::Sender<Push>, stop: &CancellationToken) {
+/// Ends stalled subscriptions (see [`Registry::cut_off_stalled`]) until shutdown.
+pub async fn watchdog(api: Api) {
     let slow = Duration::from_secs(api.settings.slow_consumer_secs);
-    let layer = &api.layer;
-    let mut last = spec.last_event_id;
-    if let Some(after) = spec.last_event_id {
-        let replay = match layer.replay(&spec.channel, after) {
-            Ok(replay) => replay,
-            Err(e) => {
-                tracing::warn!(channel = %spec.channel, error = %e, "replay failed");
-                return;
-            }
-        };
-        let pushes =
-            replay
-                .gap
-                .map(Push::Gap)
-                .into_iter()
-                .chain(replay.deliveries.into_iter().map(|d| Push::Message {
-                    id: d.id,
-                    message: d.message,
-                }));
-        for push in pushes {
-            if let Push::Message { id, .. } = &push {
-                last = Some(*id);
-            }
-            let Some(permit) = reserve(tx, slow, stop).await else {
-                return;
-            };
-            permit.send(push);
-        }
-    }
-    let refresh_every =
-        (layer.group_expiry() / 3).clamp(Duration::from_secs(1), Duration::from_secs(300));
-    let mut refresh =
-        tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
+    let every = (slow / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let Some(permit) = reserve(tx, slow, stop).await else {
-            return;
-        };
-        let delivery = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            _ = tx.closed() => return,
-            _ = refresh.tick(), if !spec.groups.is_empty() => {
-                for group in &spec.groups {
-                    if let Err(e) = layer.group_add(group, &spec.channel).await {
-                        tracing::warn!(group, channel = %spec.channel, error = %e, "membership refresh failed");
-                    }
-                }
-                continue;
-            }
-            received = layer.receive(&spec.channel, RECEIVE_SLICE) => match received {
-                Ok(Some(delivery)) => delivery,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(channel = %spec.channel, error = %e, "receive failed; ending the stream");
-                    return;
-                }
-            },
-        };
-        if last.is_some_and(|l| delivery.id <= l) {
-            continue;
+        tokio::select! {
+            _ = api.shutdown.cancelled() => return,
+            _ = ticks.tick() => api.streams.cut_off_stalled(slow),
         }
-        permit.send(Push::Message {
-            id: delivery.id,
-            message: delivery.message,
-        });
     }
 }
 
-/// A free outbox slot, or `None` when the client is gone, too slow, or we stop.
-async fn reserve<'a>(
-    tx: &'a mpsc::Sender<Push>,
-    slow: Duration,
-    stop: &CancellationToken,
-) -> Option<mpsc::Permit<'a, Push>> {
-    tokio::select! {
-        _ = stop.cancelled() => None,
-        reserved = tokio::time::timeout(slow, tx.reserve()) => match reserved {
-            Ok(Ok(permit)) => Some(permit),
-            Ok(Err(_closed)) => None,
-            Err(_elapsed) => {
-                tracing::info!("closing a stream whose client has not read for {slow:?}");
-                None
+/// A channel's messages for one client, as a stream: first the replay after the last
+/// event id (with a gap when some are gone), then live messages as they arrive. It ends
+/// on shutdown, when cut off (take-over, stalled client), or on a WebSocket unsubscribe.
+pub struct Subscription {
+    api: Api,
+    spec: Spec,
+    id: u64,
+    replay: VecDeque<Push>,
+    receiver: Receiver,
+    stop: CancellationToken,
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
+    progress: Arc<Progress>,
+    /// When to renew the group memberships next (only with groups).
+    refresh: Option<Pin<Box<Sleep>>>,
+    ended: bool,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Subscription {
+    /// Starts a subscription (taking its channel over when it resumes).
+    pub fn start(
+        api: &Api,
+        spec: Spec,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<Self, layer::Error> {
+        if spec.last_event_id.is_some() {
+            api.streams.take_over(&spec.channel);
+        }
+        let receiver = api.layer.receiver(&spec.channel)?;
+        let mut replay = VecDeque::new();
+        if let Some(after) = spec.last_event_id {
+            let found = api.layer.replay(&spec.channel, after)?;
+            replay.extend(found.gap.map(Push::Gap));
+            replay.extend(found.deliveries.into_iter().map(|d| Push::Message {
+                id: d.id,
+                message: d.message,
+            }));
+        }
+        let stop = api.shutdown.child_token();
+        let progress = Arc::new(Progress::default());
+        let id = api.streams.next_id.fetch_add(1, Ordering::Relaxed);
+        api.streams.insert(
+            &spec.channel,
+            Running {
+                id,
+                stop: stop.clone(),
+                revoker: receiver.revoker(),
+                progress: progress.clone(),
+                seen_polls: 0,
+                stalled_since: None,
+            },
+        );
+        let refresh =
+            (!spec.groups.is_empty()).then(|| Box::pin(tokio::time::sleep(refresh_every(api))));
+        Ok(Subscription {
+            api: api.clone(),
+            id,
+            replay,
+            receiver,
+            stopped: Box::pin(stop.clone().cancelled_owned()),
+            stop,
+            progress,
+            refresh,
+            ended: false,
+            _permit: permit,
+            spec,
+        })
+    }
+
+    /// The token that ends this subscription (a WebSocket unsubscribe cancels it).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Whether it ended because its client did not read for `slow_consumer_secs`.
+    pub fn was_too_slow(&self) -> bool {
+        self.progress.too_slow.load(Ordering::Relaxed)
+    }
+
+    fn next_push(&mut self, cx: &mut Context<'_>) -> Poll<Option<Push>> {
+        if self.ended || self.stopped.as_mut().poll(cx).is_ready() {
+            self.end();
+            return Poll::Ready(None);
+        }
+        if let Some(push) = self.replay.pop_front() {
+            return Poll::Ready(Some(push));
+        }
+        if let Some(refresh) = &mut self.refresh
+            && refresh.as_mut().poll(cx).is_ready()
+        {
+            refresh
+                .as_mut()
+                .reset(Instant::now() + refresh_every(&self.api));
+            let _ = refresh.as_mut().poll(cx);
+            tokio::spawn(renew(
+                self.api.clone(),
+                self.spec.groups.clone(),
+                self.spec.channel.clone(),
+            ));
+        }
+        let resumed_after = self.spec.last_event_id;
+        loop {
+            match self.receiver.poll_receive(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    self.end();
+                    return Poll::Ready(None);
+                }
+                // Already replayed.
+                Poll::Ready(Some(d)) if resumed_after.is_some_and(|after| d.id <= after) => {}
+                Poll::Ready(Some(d)) => {
+                    return Poll::Ready(Some(Push::Message {
+                        id: d.id,
+                        message: d.message,
+                    }));
+                }
             }
-        },
+        }
+    }
+
+    /// Leaves the registry and, for an ephemeral channel, its groups and the channel.
+    fn end(&mut self) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        self.api.streams.remove(&self.spec.channel, self.id);
+        if self.spec.ephemeral {
+            // Shutdown waits for these before its final flush.
+            self.api
+                .background
+                .spawn(finish(self.api.clone(), self.spec.clone()));
+        }
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Push;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Push>> {
+        let this = self.get_mut();
+        this.progress.polls.fetch_add(1, Ordering::Relaxed);
+        let next = this.next_push(cx);
+        this.progress
+            .handed_out
+            .store(matches!(next, Poll::Ready(Some(_))), Ordering::Relaxed);
+        next
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// How often group memberships are renewed: well within their expiry.
+fn refresh_every(api: &Api) -> Duration {
+    (api.layer.group_expiry() / 3).clamp(Duration::from_secs(1), Duration::from_secs(300))
+}
+
+/// Renews `channel`'s membership of `groups`.
+async fn renew(api: Api, groups: Vec<String>, channel: String) {
+    for group in &groups {
+        if let Err(e) = api.layer.group_add(group, &channel).await {
+            tracing::warn!(group, channel, error = %e, "membership refresh failed");
+        }
     }
 }
 
 /// Leaves the groups and deletes the channel of an ephemeral subscription.
-async fn finish(api: &Api, spec: &Spec) {
-    if !spec.ephemeral {
-        return;
-    }
+async fn finish(api: Api, spec: Spec) {
     for group in &spec.groups {
         if let Err(e) = api.layer.group_discard(group, &spec.channel).await {
             tracing::warn!(group, channel = %spec.channel, error = %e, "could not leave group");

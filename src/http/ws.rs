@@ -23,7 +23,7 @@ use super::body::body_limit;
 use super::error::{ApiError, ErrorKind};
 use super::handlers::parse_wait;
 use super::reply::{Doc, Field, Format};
-use super::subscription::{self, Push, Spec};
+use super::subscription::{Push, Spec, Subscription};
 use crate::message::{Message, json_to_value};
 
 /// Frames waiting to be written to one socket.
@@ -396,12 +396,13 @@ impl Connection {
             previous.cancel();
         }
         self.reply(request, request.reply("ok")).await;
-        let (mut pushes, stop) = subscription::start(&self.api, spec, None).await;
-        self.subscriptions.insert(channel.clone(), stop.clone());
+        let mut pushes = Subscription::start(&self.api, spec, None)?;
+        self.subscriptions
+            .insert(channel.clone(), pushes.stop_token());
         let outbox = self.outbox.clone();
         let format = request.format;
         tokio::spawn(async move {
-            while let Some(push) = pushes.recv().await {
+            while let Some(push) = pushes.next().await {
                 let doc = match push {
                     Push::Message { id, message } => Doc::new()
                         .str("op", "message")
@@ -418,10 +419,10 @@ impl Connection {
                     return;
                 }
             }
-            // Ended without unsubscribe, disconnect or shutdown: the client did not read
-            // for `slow_consumer_secs`. Its messages stay queued and in the replay log;
-            // closing the socket tells it to reconnect and resubscribe with its last id.
-            if !stop.is_cancelled() {
+            // The client did not read for `slow_consumer_secs`. Its messages stay
+            // queued and in the replay log; closing the socket tells it to reconnect and
+            // resubscribe with its last id.
+            if pushes.was_too_slow() {
                 let close = Frame::close_with(
                     CLOSE_POLICY,
                     "too slow to read; resubscribe with last_event_id",

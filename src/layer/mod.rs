@@ -16,13 +16,13 @@ mod state;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use rand::Rng;
 use rand::distr::Alphanumeric;
-use tokio::sync::oneshot;
 
 use crate::config::{ChannelRules, ConfigError, LayerSettings, StorageSettings};
 use crate::message::{Message, MessageError};
@@ -227,32 +227,28 @@ impl ChannelLayer {
     /// Receivers that wait are served longest-waiting first. Dropping the returned
     /// future before it completes never consumes a message.
     pub async fn receive(&self, channel: &str, wait: Duration) -> Result<Option<Delivery>, Error> {
-        names::check_channel(channel)?;
-        let inner = &*self.inner;
-        let mut guard = {
-            let mut state = inner.state.lock();
-            let ch = inner.channel(&mut state.channels, channel);
-            if let Some(delivery) = inner.take(ch) {
-                return Ok(Some(delivery));
-            }
-            if wait.is_zero() {
-                return Ok(None);
-            }
-            let id = inner.next_waiter.fetch_add(1, Ordering::Relaxed);
-            let (wake, woken) = oneshot::channel();
-            ch.waiters.push_back(Waiter { id, wake });
-            WaitGuard {
-                inner,
-                channel,
-                id,
-                woken,
-                done: false,
-            }
-        };
-        match tokio::time::timeout(wait, guard.wait()).await {
-            Ok(result) => result,
-            Err(_elapsed) => Ok(None),
+        let mut receiver = self.receiver(channel)?;
+        if wait.is_zero() {
+            return Ok(receiver.try_take());
         }
+        let taking = std::future::poll_fn(|cx| receiver.poll_receive(cx));
+        Ok(tokio::time::timeout(wait, taking).await.ok().flatten())
+    }
+
+    /// A receiver of `channel` that takes its messages one after another (a stream),
+    /// keeping its place in the line of waiting receivers between them.
+    pub fn receiver(&self, channel: &str) -> Result<Receiver, Error> {
+        names::check_channel(channel)?;
+        let id = self.inner.next_waiter.fetch_add(1, Ordering::Relaxed);
+        Ok(Receiver {
+            inner: self.inner.clone(),
+            key: Arc::new(ReceiverKey {
+                channel: channel.to_string(),
+                id,
+                revoked: AtomicBool::new(false),
+            }),
+            waiting: false,
+        })
     }
 
     /// Adds `channel` to `group`, or refreshes its membership.
@@ -647,6 +643,18 @@ fn remove_member(state: &mut State, group: &str, channel: &str) {
 }
 
 impl Inner {
+    /// Takes a receiver out of its channel's line; `revoke` also stops it for good
+    /// (under the same lock, so that it cannot take a message in between).
+    fn leave(&self, key: &ReceiverKey, revoke: bool) {
+        let mut state = self.state.lock();
+        if revoke {
+            key.revoked.store(true, Ordering::Relaxed);
+        }
+        if let Some(ch) = state.channels.get_mut(&key.channel) {
+            ch.leave(key.id);
+        }
+    }
+
     /// The channel's state, created on first use with its configured limits.
     fn channel<'a>(
         &self,
@@ -676,7 +684,7 @@ impl Inner {
     /// reaches the store later (see [`Inner::write_cursors`]).
     fn take(&self, ch: &mut Channel) -> Option<Delivery> {
         ch.drop_expired(self.clock.now_ms());
-        if ch.queue.len() <= ch.reserved {
+        if ch.queue.len() <= ch.woken.len() {
             return None;
         }
         let entry = ch.queue.pop_front().expect("queue is longer than reserved");
@@ -932,58 +940,111 @@ impl Drop for Inner {
     }
 }
 
-/// A receive waiting in a channel's waiter list. Dropping it (timeout, cancellation)
-/// removes it from the list, or passes a wake-up it did not use on to the next waiter.
-struct WaitGuard<'a> {
-    inner: &'a Inner,
-    channel: &'a str,
-    id: u64,
-    woken: oneshot::Receiver<()>,
-    done: bool,
+/// Takes messages off one channel for one consumer. While it waits it holds a place in
+/// the channel's line of receivers (longest-waiting first); dropping it gives the place
+/// up, and a message it was woken for passes to the next in line, so dropping never
+/// loses a message.
+pub struct Receiver {
+    inner: Arc<Inner>,
+    key: Arc<ReceiverKey>,
+    /// In the channel's line (waiting, or woken and not yet taken).
+    waiting: bool,
 }
 
-impl WaitGuard<'_> {
-    async fn wait(&mut self) -> Result<Option<Delivery>, Error> {
-        loop {
-            let was_woken = (&mut self.woken).await.is_ok();
-            let inner = self.inner;
-            let mut state = inner.state.lock();
-            let ch = inner.channel(&mut state.channels, self.channel);
-            if was_woken {
-                ch.reserved -= 1;
+/// Who a receiver is, shared with its [`Revoker`].
+struct ReceiverKey {
+    channel: String,
+    id: u64,
+    /// Set under the layer's lock: from then on the receiver takes nothing.
+    revoked: AtomicBool,
+}
+
+impl Receiver {
+    /// The next message, or `Pending` until one arrives (the task is woken then).
+    /// `Ready(None)` once the receiver was revoked.
+    pub fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let inner = &*self.inner;
+        let key = &*self.key;
+        let mut state = inner.state.lock();
+        if key.revoked.load(Ordering::Relaxed) {
+            return Poll::Ready(None);
+        }
+        let ch = inner.channel(&mut state.channels, &key.channel);
+        let was_woken = self.waiting && ch.unreserve(key.id);
+        if self.waiting
+            && !was_woken
+            && let Some(waiter) = ch.waiters.iter_mut().find(|w| w.id == key.id)
+        {
+            waiter.waker.clone_from(cx.waker());
+            return Poll::Pending;
+        }
+        if let Some(delivery) = inner.take(ch) {
+            if self.waiting {
+                ch.wake();
             }
-            match inner.take(ch) {
-                None => {
-                    // The message expired first: wait again, still first in line.
-                    let (wake, woken) = oneshot::channel();
-                    ch.waiters.push_front(Waiter { id: self.id, wake });
-                    self.woken = woken;
-                    ch.wake();
-                }
-                Some(delivery) => {
-                    self.done = true;
-                    ch.wake();
-                    return Ok(Some(delivery));
-                }
-            }
+            self.waiting = false;
+            return Poll::Ready(Some(delivery));
+        }
+        let waiter = Waiter {
+            id: key.id,
+            waker: cx.waker().clone(),
+        };
+        if self.waiting {
+            // Woken for a message that expired first: still first in line.
+            ch.waiters.push_front(waiter);
+            ch.wake();
+        } else {
+            ch.waiters.push_back(waiter);
+        }
+        self.waiting = true;
+        Poll::Pending
+    }
+
+    /// The next message if one is pending now, without waiting.
+    pub fn try_take(&mut self) -> Option<Delivery> {
+        let inner = &*self.inner;
+        let mut state = inner.state.lock();
+        let ch = inner.channel(&mut state.channels, &self.key.channel);
+        inner.take(ch)
+    }
+
+    /// A handle that can cut this receiver off from another task.
+    pub fn revoker(&self) -> Revoker {
+        Revoker {
+            inner: self.inner.clone(),
+            key: self.key.clone(),
         }
     }
 }
 
-impl Drop for WaitGuard<'_> {
+impl Drop for Receiver {
     fn drop(&mut self) {
-        if self.done {
-            return;
+        if self.waiting {
+            self.inner.leave(&self.key, false);
         }
-        let mut state = self.inner.state.lock();
-        let Some(ch) = state.channels.get_mut(self.channel) else {
-            return;
-        };
-        if self.woken.try_recv().is_ok() {
-            ch.reserved -= 1;
-            ch.wake();
-        } else {
-            ch.waiters.retain(|w| w.id != self.id);
-        }
+    }
+}
+
+/// Cuts a [`Receiver`] off: when `revoke` returns, it has taken its last message, and
+/// a message it was woken for has passed to the next receiver in line.
+#[derive(Clone)]
+pub struct Revoker {
+    inner: Arc<Inner>,
+    key: Arc<ReceiverKey>,
+}
+
+impl Revoker {
+    /// Stops the receiver from taking any more messages.
+    pub fn revoke(&self) {
+        self.inner.leave(&self.key, true);
+    }
+
+    /// Whether the receiver was woken for a message that it has not taken yet.
+    pub fn has_message_waiting(&self) -> bool {
+        let state = self.inner.state.lock();
+        state
+            .channels
+            .get(&self.key.channel)
+            .is_some_and(|ch| ch.woken.contains(&self.key.id))
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use std::task::Waker;
 
 use crate::config::ChannelRules;
 use crate::message::Message;
@@ -20,10 +20,10 @@ pub(super) struct Entry {
     pub message: Arc<Message>,
 }
 
-/// A receive waiting for a message.
+/// A receiver waiting for a message.
 pub(super) struct Waiter {
     pub id: u64,
-    pub wake: oneshot::Sender<()>,
+    pub waker: Waker,
 }
 
 /// One channel's state.
@@ -38,9 +38,9 @@ pub(super) struct Channel {
     pub delivered: VecDeque<Entry>,
     /// Receivers waiting, longest-waiting first.
     pub waiters: VecDeque<Waiter>,
-    /// Waiters woken for a message that they have not taken yet; those messages are
-    /// theirs, so a newly arriving receive may not take them.
-    pub reserved: usize,
+    /// Receivers woken for a message that they have not taken yet: as many of the
+    /// oldest pending messages are theirs, so a newly arriving receive may not take them.
+    pub woken: Vec<u64>,
     /// The highest id that left this channel without being delivered or kept for
     /// replay (expired, or pushed out of the replay log): resuming after an earlier id
     /// may have missed it.
@@ -64,7 +64,7 @@ impl Channel {
             queue: VecDeque::new(),
             delivered: VecDeque::new(),
             waiters: VecDeque::new(),
-            reserved: 0,
+            woken: Vec::new(),
             lost_upto: 0,
             taken_upto: 0,
             cursor_on_disk: 0,
@@ -112,13 +112,32 @@ impl Channel {
 
     /// Hands pending messages to waiting receivers, longest-waiting first.
     pub fn wake(&mut self) {
-        while self.queue.len() > self.reserved {
+        while self.queue.len() > self.woken.len() {
             let Some(waiter) = self.waiters.pop_front() else {
                 break;
             };
-            if waiter.wake.send(()).is_ok() {
-                self.reserved += 1;
+            self.woken.push(waiter.id);
+            waiter.waker.wake();
+        }
+    }
+
+    /// Gives up receiver `id`'s reservation, if it holds one; tells whether it did.
+    pub fn unreserve(&mut self, id: u64) -> bool {
+        match self.woken.iter().position(|w| *w == id) {
+            Some(at) => {
+                self.woken.swap_remove(at);
+                true
             }
+            None => false,
+        }
+    }
+
+    /// Takes receiver `id` out of the line; a message reserved for it passes on.
+    pub fn leave(&mut self, id: u64) {
+        if self.unreserve(id) {
+            self.wake();
+        } else {
+            self.waiters.retain(|w| w.id != id);
         }
     }
 
@@ -135,7 +154,7 @@ impl Channel {
             && self.queue.is_empty()
             && self.delivered.is_empty()
             && self.waiters.is_empty()
-            && self.reserved == 0
+            && self.woken.is_empty()
     }
 }
 
