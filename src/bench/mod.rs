@@ -9,6 +9,7 @@
 //! - [`report`]: percentiles, the table and the JSON.
 
 pub mod clients;
+pub mod floor;
 pub mod load;
 pub mod report;
 pub mod scenario;
@@ -44,6 +45,8 @@ pub enum Scenario {
     IdleSse,
     /// Max-rate publishers into a small channel with one slow receiver: exactly-once check.
     Overload,
+    /// fanout-sse against a stand-in that only writes (no Herald): the kernel's floor.
+    FloorSse,
 }
 
 /// The scenarios run when none is named.
@@ -223,6 +226,7 @@ async fn run_one(ctx: &Ctx<'_>, scenario: Scenario, name: &str) -> Result<Report
         Scenario::Latency => scenario::fanout(ctx, name, false, 100, 10.0).await,
         Scenario::IdleSse => scenario::idle_sse(ctx, name).await,
         Scenario::Overload => scenario::overload(ctx, name).await,
+        Scenario::FloorSse => floor::floor_sse(ctx, name, opts.subscribers, rate).await,
     }
 }
 

@@ -47,11 +47,11 @@ impl Ctx<'_> {
         self.server.addr
     }
 
-    fn duration(&self) -> Duration {
+    pub(super) fn duration(&self) -> Duration {
         Duration::from_secs_f64(self.opts.duration)
     }
 
-    fn progress(&self, what: &str) {
+    pub(super) fn progress(&self, what: &str) {
         if !self.opts.quiet {
             eprintln!("bench: {what}");
         }
@@ -429,7 +429,7 @@ fn channel_names(ctx: &Ctx<'_>, what: &str, n: usize) -> Vec<String> {
 
 /// Opens a subscriber of `group` on each channel, a few at a time; returns those that
 /// connected, the errors of the others by code, and the first error's detail.
-async fn open_subscribers(
+pub(super) async fn open_subscribers(
     addr: SocketAddr,
     ws: bool,
     group: &str,
@@ -465,14 +465,14 @@ async fn open_subscribers(
 }
 
 /// Subscribers listening in their own tasks.
-struct Listening {
+pub(super) struct Listening {
     delivered: Arc<AtomicU64>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<Received>>,
 }
 
 impl Listening {
-    fn start(subs: Vec<Subscriber>) -> Listening {
+    pub(super) fn start(subs: Vec<Subscriber>) -> Listening {
         let delivered = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
         let tasks = subs
@@ -488,7 +488,7 @@ impl Listening {
 
     /// Waits until `expected` deliveries arrived, or none for [`DRAIN_IDLE`], or
     /// [`DRAIN_MAX`]; then stops the subscribers and merges what they measured.
-    async fn drain(self, expected: u64) -> Received {
+    pub(super) async fn drain(self, expected: u64) -> Received {
         let deadline = Instant::now() + DRAIN_MAX;
         let (mut seen, mut since) = (self.delivered.load(Ordering::Relaxed), Instant::now());
         while seen < expected && Instant::now() < deadline && since.elapsed() < DRAIN_IDLE {

@@ -21,7 +21,6 @@ use futures_util::Stream;
 use parking_lot::Mutex;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::Api;
 use crate::layer::{self, Gap, Receiver, Revoker};
@@ -60,21 +59,12 @@ pub struct Registry {
 /// One running subscription as the registry sees it.
 struct Running {
     id: u64,
-    stop: CancellationToken,
     revoker: Revoker,
     progress: Arc<Progress>,
     /// The watchdog's view: the poll count at its last look, and since when the
     /// subscription has been stalled.
     seen_polls: u64,
     stalled_since: Option<Instant>,
-}
-
-impl Running {
-    /// Stops the subscription: it takes nothing more, and its stream ends when next polled.
-    fn cut_off(&self) {
-        self.revoker.revoke();
-        self.stop.cancel();
-    }
 }
 
 /// What a subscription's stream tells the watchdog, without locks.
@@ -93,7 +83,15 @@ impl Registry {
     fn take_over(&self, channel: &str) {
         let running = self.running.lock().remove(channel).unwrap_or_default();
         for sub in &running {
-            sub.cut_off();
+            sub.revoker.revoke();
+        }
+    }
+
+    /// Cuts off every subscription (shutdown).
+    fn cut_off_all(&self) {
+        let running = std::mem::take(&mut *self.running.lock());
+        for sub in running.values().flatten() {
+            sub.revoker.revoke();
         }
     }
 
@@ -137,7 +135,7 @@ impl Registry {
                 }
                 tracing::info!("ending a stream whose client has not read for {slow:?}");
                 sub.progress.too_slow.store(true, Ordering::Relaxed);
-                sub.cut_off();
+                sub.revoker.revoke();
                 false
             });
         }
@@ -145,7 +143,8 @@ impl Registry {
     }
 }
 
-/// Ends stalled subscriptions (see [`Registry::cut_off_stalled`]) until shutdown.
+/// Ends stalled subscriptions (see [`Registry::cut_off_stalled`]) until shutdown, then
+/// ends them all.
 pub async fn watchdog(api: Api) {
     let slow = Duration::from_secs(api.settings.slow_consumer_secs);
     let every = (slow / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -153,23 +152,23 @@ pub async fn watchdog(api: Api) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = api.shutdown.cancelled() => return,
+            _ = api.shutdown.cancelled() => break,
             _ = ticks.tick() => api.streams.cut_off_stalled(slow),
         }
     }
+    api.streams.cut_off_all();
 }
 
 /// A channel's messages for one client, as a stream: first the replay after the last
 /// event id (with a gap when some are gone), then live messages as they arrive. It ends
-/// on shutdown, when cut off (take-over, stalled client), or on a WebSocket unsubscribe.
+/// when its receiver is revoked: on shutdown, take-over, a stalled client, or a
+/// WebSocket unsubscribe.
 pub struct Subscription {
     api: Api,
     spec: Spec,
     id: u64,
     replay: VecDeque<Push>,
     receiver: Receiver,
-    stop: CancellationToken,
-    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     progress: Arc<Progress>,
     /// When to renew the group memberships next (only with groups).
     refresh: Option<Pin<Box<Sleep>>>,
@@ -197,20 +196,22 @@ impl Subscription {
                 message: d.message,
             }));
         }
-        let stop = api.shutdown.child_token();
         let progress = Arc::new(Progress::default());
         let id = api.streams.next_id.fetch_add(1, Ordering::Relaxed);
         api.streams.insert(
             &spec.channel,
             Running {
                 id,
-                stop: stop.clone(),
                 revoker: receiver.revoker(),
                 progress: progress.clone(),
                 seen_polls: 0,
                 stalled_since: None,
             },
         );
+        if api.shutdown.is_cancelled() {
+            // The shutdown's cut-off may have run before the insert.
+            receiver.revoker().revoke();
+        }
         let refresh =
             (!spec.groups.is_empty()).then(|| Box::pin(tokio::time::sleep(refresh_every(api))));
         Ok(Subscription {
@@ -218,8 +219,6 @@ impl Subscription {
             id,
             replay,
             receiver,
-            stopped: Box::pin(stop.clone().cancelled_owned()),
-            stop,
             progress,
             refresh,
             ended: false,
@@ -228,9 +227,9 @@ impl Subscription {
         })
     }
 
-    /// The token that ends this subscription (a WebSocket unsubscribe cancels it).
-    pub fn stop_token(&self) -> CancellationToken {
-        self.stop.clone()
+    /// What ends this subscription (a WebSocket unsubscribe revokes it).
+    pub fn stopper(&self) -> Revoker {
+        self.receiver.revoker()
     }
 
     /// Whether it ended because its client did not read for `slow_consumer_secs`.
@@ -239,7 +238,7 @@ impl Subscription {
     }
 
     fn next_push(&mut self, cx: &mut Context<'_>) -> Poll<Option<Push>> {
-        if self.ended || self.stopped.as_mut().poll(cx).is_ready() {
+        if self.ended || self.receiver.is_revoked() {
             self.end();
             return Poll::Ready(None);
         }

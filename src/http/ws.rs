@@ -24,6 +24,7 @@ use super::error::{ApiError, ErrorKind};
 use super::handlers::parse_wait;
 use super::reply::{Doc, Field, Format};
 use super::subscription::{Push, Spec, Subscription};
+use crate::layer::Revoker;
 use crate::message::{Message, json_to_value};
 
 /// Frames waiting to be written to one socket.
@@ -189,7 +190,7 @@ fn error_frame(format: Format, reference: Option<&Value>, error: &ApiError) -> F
 struct Connection {
     api: Api,
     outbox: mpsc::Sender<Frame>,
-    subscriptions: HashMap<String, CancellationToken>,
+    subscriptions: HashMap<String, Revoker>,
     receives: Arc<tokio::sync::Semaphore>,
     /// Cancelled when the client's side ends, so waiting receives stop taking messages.
     closed: CancellationToken,
@@ -252,7 +253,7 @@ async fn serve(api: Api, socket: WebSocket, permit: OwnedSemaphorePermit) {
     }
     conn.closed.cancel();
     for stop in conn.subscriptions.values() {
-        stop.cancel();
+        stop.revoke();
     }
     drop(conn);
     let _ = writer.await;
@@ -311,7 +312,7 @@ impl Connection {
             "unsubscribe" => {
                 let channel = request.str("channel")?;
                 if let Some(stop) = self.subscriptions.remove(channel) {
-                    stop.cancel();
+                    stop.revoke();
                 }
                 self.reply(request, request.reply("ok")).await;
             }
@@ -393,12 +394,11 @@ impl Connection {
             ephemeral: false,
         };
         if let Some(previous) = self.subscriptions.remove(&channel) {
-            previous.cancel();
+            previous.revoke();
         }
         self.reply(request, request.reply("ok")).await;
         let mut pushes = Subscription::start(&self.api, spec, None)?;
-        self.subscriptions
-            .insert(channel.clone(), pushes.stop_token());
+        self.subscriptions.insert(channel.clone(), pushes.stopper());
         let outbox = self.outbox.clone();
         let format = request.format;
         tokio::spawn(async move {

@@ -30,7 +30,7 @@ use crate::store::dump::DumpStats;
 use crate::store::record::{MessageBatch, Record, Target};
 use crate::store::{Store, StoreError, keys};
 use clock::Clock;
-use state::{Channel, Entry, Membership, State, Waiter};
+use state::{Channel, Entry, Members, Membership, State, Waiter};
 
 /// Why a layer operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -619,11 +619,7 @@ fn delivery(entry: &Entry) -> Delivery {
     }
 }
 
-fn current_members(
-    members: &HashMap<String, Membership>,
-    now: u64,
-    group_expiry_ms: u64,
-) -> Vec<String> {
+fn current_members(members: &Members, now: u64, group_expiry_ms: u64) -> Vec<String> {
     let mut list: Vec<String> = members
         .iter()
         .filter(|(_, m)| m.active_at(now, group_expiry_ms))
@@ -644,21 +640,29 @@ fn remove_member(state: &mut State, group: &str, channel: &str) {
 
 impl Inner {
     /// Takes a receiver out of its channel's line; `revoke` also stops it for good
-    /// (under the same lock, so that it cannot take a message in between).
+    /// (under the same lock, so that it cannot take a message in between) and wakes it
+    /// if it was waiting, so that its consumer learns of the end.
     fn leave(&self, key: &ReceiverKey, revoke: bool) {
-        let mut state = self.state.lock();
-        if revoke {
-            key.revoked.store(true, Ordering::Relaxed);
-        }
-        if let Some(ch) = state.channels.get_mut(&key.channel) {
-            ch.leave(key.id);
+        let waiting = {
+            let mut state = self.state.lock();
+            if revoke {
+                key.revoked.store(true, Ordering::Relaxed);
+            }
+            state
+                .channels
+                .get_mut(&key.channel)
+                .and_then(|ch| ch.leave(key.id))
+        };
+        if revoke && let Some(waker) = waiting {
+            // Its next poll reports the end.
+            waker.wake();
         }
     }
 
     /// The channel's state, created on first use with its configured limits.
     fn channel<'a>(
         &self,
-        channels: &'a mut HashMap<String, Channel>,
+        channels: &'a mut foldhash::HashMap<String, Channel>,
         name: &str,
     ) -> &'a mut Channel {
         if !channels.contains_key(name) {
@@ -1008,6 +1012,11 @@ impl Receiver {
         inner.take(ch)
     }
 
+    /// Whether it was revoked (it takes nothing more).
+    pub fn is_revoked(&self) -> bool {
+        self.key.revoked.load(Ordering::Relaxed)
+    }
+
     /// A handle that can cut this receiver off from another task.
     pub fn revoker(&self) -> Revoker {
         Revoker {
@@ -1025,8 +1034,9 @@ impl Drop for Receiver {
     }
 }
 
-/// Cuts a [`Receiver`] off: when `revoke` returns, it has taken its last message, and
-/// a message it was woken for has passed to the next receiver in line.
+/// Cuts a [`Receiver`] off: when `revoke` returns, it has taken its last message, a
+/// message it was woken for has passed to the next receiver in line, and a consumer
+/// waiting on it is woken to find `Ready(None)`.
 #[derive(Clone)]
 pub struct Revoker {
     inner: Arc<Inner>,
