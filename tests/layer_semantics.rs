@@ -412,3 +412,34 @@ async fn the_sweep_removes_expired_messages_from_disk_once_per_send() {
     let t = t.restart();
     assert_eq!(take(&t.layer, "a").await, None);
 }
+
+#[tokio::test]
+async fn a_revoked_receiver_takes_nothing_more_and_hands_on_its_message() {
+    use std::future::poll_fn;
+    let t = TestLayer::new();
+    let l = &t.layer;
+    // A waiting receiver is woken by its revocation and reports the end.
+    let mut first = l.receiver("r").unwrap();
+    let stopper = first.revoker();
+    let waiting = tokio::spawn(async move { poll_fn(|cx| first.poll_receive(cx)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stopper.revoke();
+    let ended = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the revoked receiver was woken")
+        .unwrap();
+    assert!(ended.is_none(), "a revoked receiver takes nothing");
+
+    // One woken for a message (not yet taken) passes it on when revoked.
+    let mut woken = l.receiver("r").unwrap();
+    let noop = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(noop);
+    assert!(woken.poll_receive(&mut cx).is_pending());
+    l.send("r", msg("t", 7)).await.unwrap();
+    woken.revoker().revoke();
+    assert!(matches!(
+        woken.poll_receive(&mut cx),
+        std::task::Poll::Ready(None)
+    ));
+    assert_eq!(take(l, "r").await.map(|(_, n)| n), Some(7));
+}
