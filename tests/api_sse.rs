@@ -60,6 +60,33 @@ async fn each_message_is_an_event_with_its_id_and_one_line_of_json() {
 }
 
 #[tokio::test]
+async fn the_keepalive_comes_only_after_a_full_interval_of_silence() {
+    let server = Server::start_with("[server]\nkeepalive_secs = 1\n").await;
+    let api = Api::new(&server);
+    let mut sse = Sse::open(&api.http, &events_url(&server, "busy"), &[]).await;
+    // Events 600 ms apart for 3 s: never a second of silence, so no keepalive.
+    for n in 0..5 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let id = api.send("busy", &msg(n)).await;
+        match sse.next_item(Duration::from_secs(3)).await {
+            Ok(Some(SseItem::Event(e))) => assert_eq!(e.id, Some(id)),
+            other => panic!("expected event {n}, got {other:?}"),
+        }
+    }
+    // Then silence: the keepalive follows about a second after the last event.
+    let quiet = Instant::now();
+    match sse.next_item(Duration::from_secs(3)).await {
+        Ok(Some(SseItem::Comment(c))) => assert_eq!(c.trim(), "keepalive"),
+        other => panic!("expected a keepalive comment, got {other:?}"),
+    }
+    let waited = quiet.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_millis(1800),
+        "keepalive {waited:?} after the last event"
+    );
+}
+
+#[tokio::test]
 async fn messages_pending_before_the_stream_opens_are_delivered_first() {
     let server = Server::start().await;
     let api = Api::new(&server);

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{Interval, MissedTickBehavior};
+use tokio::time::{Instant, Sleep};
 use warp::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use warp::reply::Response;
 use warp::sse::Event;
@@ -68,15 +68,21 @@ fn encode(push: &Push) -> Bytes {
     out.freeze()
 }
 
+/// The longest keepalive interval used, whatever `server.keepalive_secs` says: a longer
+/// one keeps nothing alive, and a huge one would overflow the clock.
+const MAX_KEEPALIVE: Duration = Duration::from_secs(86_400);
+
 /// The comment written when a stream has been quiet for a keepalive interval.
 const KEEPALIVE: &[u8] = b": keepalive\n\n";
 
-/// An SSE response body: the subscription's events, encoded, with a keepalive comment
-/// after every interval in which nothing was written (so proxies keep the connection).
+/// An SSE response body: the subscription's events, encoded, and a keepalive comment
+/// after every `every` of silence (so that proxies keep the connection). The timer is
+/// moved only when it fires, not at every event.
 struct Events {
     subscription: Subscription,
-    keepalive: Interval,
-    wrote: bool,
+    every: Duration,
+    keepalive: Pin<Box<Sleep>>,
+    last_write: Instant,
 }
 
 impl Stream for Events {
@@ -86,16 +92,20 @@ impl Stream for Events {
         let this = self.get_mut();
         match Pin::new(&mut this.subscription).poll_next(cx) {
             Poll::Ready(Some(push)) => {
-                this.wrote = true;
+                this.last_write = Instant::now();
                 return Poll::Ready(Some(Ok(encode(&push))));
             }
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {}
         }
-        while this.keepalive.poll_tick(cx).is_ready() {
-            if !std::mem::take(&mut this.wrote) {
+        while this.keepalive.as_mut().poll(cx).is_ready() {
+            let due = this.last_write + this.every;
+            if Instant::now() >= due {
+                this.last_write = Instant::now();
+                this.keepalive.as_mut().reset(this.last_write + this.every);
                 return Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE))));
             }
+            this.keepalive.as_mut().reset(due);
         }
         Poll::Pending
     }
@@ -115,13 +125,13 @@ fn retry_later() -> Response {
 
 fn stream(api: &Api, spec: Spec, permit: OwnedSemaphorePermit) -> Result<Response, Rejection> {
     let subscription = Subscription::start(api, spec, Some(permit)).map_err(ApiError::from)?;
-    let every = Duration::from_secs(api.settings.keepalive_secs);
-    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let every = Duration::from_secs(api.settings.keepalive_secs).min(MAX_KEEPALIVE);
+    let last_write = Instant::now();
     let events = Events {
         subscription,
-        keepalive,
-        wrote: false,
+        every,
+        keepalive: Box::pin(tokio::time::sleep_until(last_write + every)),
+        last_write,
     };
     let mut response = warp::reply::stream(events).into_response();
     let headers = response.headers_mut();

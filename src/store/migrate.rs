@@ -137,8 +137,10 @@ mod tests {
 
     #[test]
     fn newer_and_older_formats_are_refused_with_advice() {
-        let dir = tempfile::tempdir().unwrap();
         for (version, expected) in [(FORMAT_VERSION + 1, "newer"), (0, "older")] {
+            // A directory each: sled's threads may hold the previous one's lock a moment
+            // after it is closed.
+            let dir = tempfile::tempdir().unwrap();
             {
                 let db = sled::open(dir.path()).unwrap();
                 db.insert(VERSION, &version.to_be_bytes()).unwrap();
