@@ -773,3 +773,44 @@ async fn a_subscriber_too_slow_to_read_gets_close_1008_and_resubscribes_without_
     assert_eq!(got, ids, "every message once, in order");
     again.assert_silent(Duration::from_millis(300)).await;
 }
+
+#[tokio::test]
+async fn a_request_that_is_not_a_websocket_handshake_gets_a_clear_400() {
+    let server = Server::start().await;
+    let http = reqwest::Client::new();
+    let url = server.url("/v1/ws");
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[], "Connection"),
+        (&[("connection", "upgrade")], "Upgrade"),
+        (
+            &[
+                ("connection", "keep-alive, Upgrade"),
+                ("upgrade", "WebSocket"),
+            ],
+            "Version",
+        ),
+        (
+            &[
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-version", "13"),
+            ],
+            "Key",
+        ),
+    ];
+    for (headers, missing) in cases {
+        let mut request = http.get(&url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let error = assert_error(request.send().await.unwrap(), 400, "invalid_parameter").await;
+        let text = error["error"]["message"].as_str().unwrap();
+        assert!(text.contains(missing), "{headers:?}: {text}");
+    }
+    // A real client still connects.
+    let mut ws = Ws::connect(&server).await;
+    let reply = ws
+        .call(json!({"op": "send", "ref": 1, "channel": "h", "message": {"type": "t"}}))
+        .await;
+    assert_eq!(reply["op"], "ok", "{reply}");
+}

@@ -43,6 +43,8 @@ pub enum Scenario {
     Latency,
     /// `--subscribers` idle SSE streams: server RSS per connection.
     IdleSse,
+    /// `--subscribers` idle WebSocket subscribers: server RSS per connection.
+    IdleWs,
     /// Max-rate publishers into a small channel with one slow receiver: exactly-once check.
     Overload,
     /// fanout-sse against a stand-in that only writes (no Herald): the kernel's floor.
@@ -224,7 +226,8 @@ async fn run_one(ctx: &Ctx<'_>, scenario: Scenario, name: &str) -> Result<Report
         Scenario::FanoutSse => scenario::fanout(ctx, name, false, opts.subscribers, rate).await,
         Scenario::FanoutWs => scenario::fanout(ctx, name, true, opts.subscribers, rate).await,
         Scenario::Latency => scenario::fanout(ctx, name, false, 100, 10.0).await,
-        Scenario::IdleSse => scenario::idle_sse(ctx, name).await,
+        Scenario::IdleSse => scenario::idle(ctx, name, false).await,
+        Scenario::IdleWs => scenario::idle(ctx, name, true).await,
         Scenario::Overload => scenario::overload(ctx, name).await,
         Scenario::FloorSse => floor::floor_sse(ctx, name, opts.subscribers, rate).await,
     }

@@ -69,7 +69,7 @@ pub struct OverloadCheck {
     pub delivered_ratio: f64,
 }
 
-/// The memory figures of the `idle-sse` scenario.
+/// The memory figures of the `idle-sse` and `idle-ws` scenarios.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct IdleMemory {
     pub connected: u64,

@@ -173,22 +173,29 @@ pub async fn fanout(
     Ok(report)
 }
 
-/// `idle-sse`: the server's memory before and after `--subscribers` idle SSE streams.
-pub async fn idle_sse(ctx: &Ctx<'_>, name: &str) -> Result<Report, String> {
+/// `idle-sse` and `idle-ws`: the server's memory before and after `--subscribers` idle
+/// subscribers.
+pub async fn idle(ctx: &Ctx<'_>, name: &str, ws: bool) -> Result<Report, String> {
     let rss = || {
-        ctx.server.rss_mib().map(|(rss, _)| rss).ok_or_else(|| {
-            "idle-sse needs the server's pid: give --server-pid with --url".to_string()
-        })
+        ctx.server
+            .rss_mib()
+            .map(|(rss, _)| rss)
+            .ok_or_else(|| format!("{name} needs the server's pid: give --server-pid with --url"))
+    };
+    let kind = if ws {
+        "WebSocket subscribers"
+    } else {
+        "SSE streams"
     };
     let group = "bench-idle";
     let subscribers = ctx.opts.subscribers;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = rss()?;
     let channels = channel_names(ctx, "idle", subscribers);
-    let (subs, errors, first_error) = open_subscribers(ctx.addr(), false, group, &channels).await;
+    let (subs, errors, first_error) = open_subscribers(ctx.addr(), ws, group, &channels).await;
     let connected = subs.len();
     ctx.progress(&format!(
-        "{name}: {connected}/{subscribers} idle SSE streams open; settling 2 s"
+        "{name}: {connected}/{subscribers} idle {kind} open; settling 2 s"
     ));
     let listening = Listening::start(subs);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -196,7 +203,7 @@ pub async fn idle_sse(ctx: &Ctx<'_>, name: &str) -> Result<Report, String> {
     let received = listening.drain(0).await;
     let mut report = Report {
         scenario: name.into(),
-        mode: format!("{subscribers} idle SSE streams of group {group}, 2 s settle"),
+        mode: format!("{subscribers} idle {kind} of group {group}, 2 s settle"),
         subscribers_requested: subscribers,
         subscribers_connected: connected,
         errors,

@@ -254,7 +254,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and_then(sse::multi_group_events);
     let websocket = warp::path!("ws")
         .and(warp::get())
-        .and(warp::ws())
+        .and(ws::handshake())
         .and(with_api(api.clone()))
         .and_then(ws::upgrade);
     let flush = warp::path!("flush")

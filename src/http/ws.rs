@@ -11,12 +11,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use rmpv::Value;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as Frame};
 use tokio_util::sync::CancellationToken;
-use warp::filters::ws::{Message as Frame, WebSocket, Ws};
+use warp::http::StatusCode;
+use warp::http::header::{CONNECTION, HeaderMap, HeaderValue, SEC_WEBSOCKET_ACCEPT, UPGRADE};
 use warp::reply::Response;
-use warp::{Rejection, Reply};
+use warp::{Filter, Rejection};
 
 use super::Api;
 use super::body::body_limit;
@@ -37,15 +45,118 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_POLICY: u16 = 1008;
 
+/// What a socket reads at once. tungstenite's default (128 KiB) is zero-filled up front,
+/// so it cost every idle subscriber 128 KiB; larger frames still grow the buffer.
+const READ_BUFFER: usize = 8 * 1024;
+
+/// The socket Herald speaks the protocol on.
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// A checked WebSocket opening handshake (RFC 6455, section 4.2.1): the client's key and
+/// the connection's upgrade, taken over once the `101` answer is out.
+pub struct Handshake {
+    key: HeaderValue,
+    on_upgrade: OnUpgrade,
+}
+
+/// The opening handshake of a `/v1/ws` request (the route checks the GET), or `invalid_parameter` saying what is missing.
+/// Herald does the upgrade itself rather than through warp's filter, to set the socket's
+/// buffer sizes.
+pub fn handshake() -> impl Filter<Extract = (Handshake,), Error = Rejection> + Clone {
+    warp::header::headers_cloned()
+        .and(warp::ext::optional::<OnUpgrade>())
+        .and_then(
+            |headers: HeaderMap, on_upgrade: Option<OnUpgrade>| async move {
+                check_handshake(&headers)
+                    .and_then(|key| {
+                        on_upgrade
+                            .map(|on_upgrade| Handshake { key, on_upgrade })
+                            .ok_or_else(|| {
+                                ApiError::new(
+                                    ErrorKind::InvalidParameter,
+                                    "this connection cannot be upgraded",
+                                )
+                            })
+                    })
+                    .map_err(Rejection::from)
+            },
+        )
+}
+
+/// The client's `Sec-WebSocket-Key` once every header of the handshake is right.
+fn check_handshake(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
+    let has_token = |name, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value
+                .to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    let refuse = |why: &str| {
+        Err(ApiError::new(
+            ErrorKind::InvalidParameter,
+            format!("not a WebSocket handshake: {why}"),
+        ))
+    };
+    if !has_token(CONNECTION, "upgrade") {
+        return refuse("Connection must include upgrade");
+    }
+    if !has_token(UPGRADE, "websocket") {
+        return refuse("Upgrade must be websocket");
+    }
+    if headers
+        .get("sec-websocket-version")
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return refuse("Sec-WebSocket-Version must be 13");
+    }
+    match headers.get("sec-websocket-key") {
+        Some(key) if !key.is_empty() => Ok(key.clone()),
+        _ => refuse("Sec-WebSocket-Key is missing"),
+    }
+}
+
 /// GET /v1/ws
-pub async fn upgrade(ws: Ws, api: Api) -> Result<Response, Rejection> {
+pub async fn upgrade(handshake: Handshake, api: Api) -> Result<Response, Rejection> {
     let permit = api.admit()?;
     let limit = body_limit(api.layer.max_message_bytes());
-    Ok(ws
-        .max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(move |socket| serve(api, socket, permit))
-        .into_response())
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(limit))
+        .max_frame_size(Some(limit));
+    let accept = derive_accept_key(handshake.key.as_bytes());
+    tokio::spawn(async move {
+        match handshake.on_upgrade.await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                serve(api, socket, permit).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+        }
+    });
+    let mut response = Response::default();
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    Ok(response)
+}
+
+/// A close frame with `code` and `reason`.
+fn close_frame(code: u16, reason: &'static str) -> Frame {
+    Frame::Close(Some(CloseFrame {
+        code: code.into(),
+        reason: reason.into(),
+    }))
 }
 
 /// One request, decoded.
@@ -61,8 +172,8 @@ impl Request {
     fn decode(frame: &Frame) -> Option<Result<Request, (Format, Option<Value>, ApiError)>> {
         let malformed = |e: String| ApiError::new(ErrorKind::InvalidBody, e);
         let mut early_ref = None;
-        let (format, parsed) = if frame.is_text() {
-            let parsed = serde_json::from_slice::<serde_json::Value>(frame.as_bytes())
+        let (format, parsed) = if let Frame::Text(text) = frame {
+            let parsed = serde_json::from_slice::<serde_json::Value>(text.as_bytes())
                 .map_err(|e| malformed(format!("malformed JSON: {e}")))
                 .and_then(|json| {
                     // Echoed even when the conversion below refuses a too-deep message.
@@ -71,8 +182,8 @@ impl Request {
                     json_to_value(&json, 0).map_err(ApiError::from)
                 });
             (Format::Json, parsed)
-        } else if frame.is_binary() {
-            let mut bytes = frame.as_bytes();
+        } else if let Frame::Binary(bytes) = frame {
+            let mut bytes = &bytes[..];
             let parsed = match rmpv::decode::read_value_with_max_depth(&mut bytes, 80) {
                 Ok(_) if !bytes.is_empty() => Err(malformed(
                     "malformed msgpack: trailing bytes after the request".into(),
@@ -196,7 +307,7 @@ struct Connection {
     closed: CancellationToken,
 }
 
-async fn serve(api: Api, socket: WebSocket, permit: OwnedSemaphorePermit) {
+async fn serve(api: Api, socket: Socket, permit: OwnedSemaphorePermit) {
     let (mut sink, mut incoming) = socket.split();
     let (outbox, mut outgoing) = mpsc::channel::<Frame>(OUTBOX);
     let writer = tokio::spawn(async move {
@@ -218,23 +329,21 @@ async fn serve(api: Api, socket: WebSocket, permit: OwnedSemaphorePermit) {
     loop {
         let next = tokio::select! {
             _ = api.shutdown.cancelled() => {
-                let _ = conn.outbox.send(Frame::close_with(CLOSE_GOING_AWAY, "server shutting down")).await;
+                let _ = conn.outbox.send(close_frame(CLOSE_GOING_AWAY, "server shutting down")).await;
                 break;
             }
             next = incoming.next() => next,
         };
         match next {
             None => break,
-            Some(Err(e)) => {
-                let text = e.to_string();
-                if text.contains("too long") || text.contains("Space limit") {
-                    let _ = conn
-                        .outbox
-                        .send(Frame::close_with(CLOSE_TOO_BIG, "message too big"))
-                        .await;
-                }
+            Some(Err(WsError::Capacity(_))) => {
+                let _ = conn
+                    .outbox
+                    .send(close_frame(CLOSE_TOO_BIG, "message too big"))
+                    .await;
                 break;
             }
+            Some(Err(_)) => break,
             Some(Ok(frame)) if frame.is_close() => break,
             Some(Ok(frame)) => match Request::decode(&frame) {
                 None => {}
@@ -423,7 +532,7 @@ impl Connection {
             // queued and in the replay log; closing the socket tells it to reconnect and
             // resubscribe with its last id.
             if pushes.was_too_slow() {
-                let close = Frame::close_with(
+                let close = close_frame(
                     CLOSE_POLICY,
                     "too slow to read; resubscribe with last_event_id",
                 );
