@@ -443,3 +443,59 @@ async fn a_revoked_receiver_takes_nothing_more_and_hands_on_its_message() {
     ));
     assert_eq!(take(l, "r").await.map(|(_, n)| n), Some(7));
 }
+
+#[tokio::test]
+async fn closing_a_channel_leaves_its_groups_and_drops_what_it_held_for_good() {
+    let t = TestLayer::new();
+    let l = &t.layer;
+    for group in ["a", "b"] {
+        l.group_add(group, "conn").await.unwrap();
+    }
+    l.group_add("a", "other").await.unwrap();
+    l.group_send("a", msg("t", 1)).await.unwrap();
+    l.group_send("b", msg("t", 2)).await.unwrap();
+    assert_eq!(take(l, "conn").await.map(|(_, n)| n), Some(1));
+    l.send("conn", msg("t", 3)).await.unwrap();
+
+    l.close_channel(
+        "conn",
+        &["a".to_string(), "b".to_string(), "never".to_string()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(l.group_members("a").unwrap(), vec!["other".to_string()]);
+    assert!(l.group_members("b").unwrap().is_empty());
+    assert_eq!(l.pending("conn"), 0);
+    assert!(l.replay("conn", 0).unwrap().deliveries.is_empty());
+    let report = l.group_send("a", msg("t", 4)).await.unwrap();
+    assert_eq!(
+        report,
+        GroupSendReport {
+            delivered: 1,
+            full: 0
+        }
+    );
+    // Closing again is a no-op; the other member kept its messages.
+    l.close_channel("conn", &["a".to_string()]).await.unwrap();
+    assert_eq!(l.pending("other"), 2);
+
+    let t = t.restart();
+    let l = &t.layer;
+    assert_eq!(l.group_members("a").unwrap(), vec!["other".to_string()]);
+    assert_eq!(l.pending("conn"), 0, "nothing comes back after a restart");
+    // (Messages sent straight to the channel are rebuilt into its replay log until
+    // they age out: the records are shared, and such channels have random names.)
+    assert!(
+        l.replay("conn", 0)
+            .unwrap()
+            .deliveries
+            .iter()
+            .all(|d| n_of(&d.message) == 3)
+    );
+    assert_eq!(take(l, "other").await.map(|(_, n)| n), Some(1));
+    assert_invalid_name(l.close_channel("bad name", &[]).await, "may only contain");
+    assert_invalid_name(
+        l.close_channel("c", &["g!".to_string()]).await,
+        "group name",
+    );
+}

@@ -329,12 +329,7 @@ async fn renew(api: Api, groups: Vec<String>, channel: String) {
 
 /// Leaves the groups and deletes the channel of an ephemeral subscription.
 async fn finish(api: Api, spec: Spec) {
-    for group in &spec.groups {
-        if let Err(e) = api.layer.group_discard(group, &spec.channel).await {
-            tracing::warn!(group, channel = %spec.channel, error = %e, "could not leave group");
-        }
-    }
-    if let Err(e) = api.layer.delete_channel(&spec.channel).await {
-        tracing::warn!(channel = %spec.channel, error = %e, "could not delete channel");
+    if let Err(e) = api.layer.close_channel(&spec.channel, &spec.groups).await {
+        tracing::warn!(channel = %spec.channel, error = %e, "could not close the stream's channel");
     }
 }

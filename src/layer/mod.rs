@@ -412,32 +412,56 @@ impl ChannelLayer {
         Ok(name)
     }
 
-    /// Drops everything pending on `channel` and its replay log (for channels made for
-    /// one connection, deleted when it ends). Memberships are not touched.
-    pub async fn delete_channel(&self, channel: &str) -> Result<(), Error> {
+    /// Ends a channel made for one connection: removes it from `groups` and drops
+    /// everything pending on it and its replay log, in one write. Its group messages
+    /// need no pinning, since nothing of the channel is kept. (A restart rebuilds the
+    /// messages sent straight to it into its replay log until they age out: records
+    /// are stored in shared batches.)
+    pub async fn close_channel(&self, channel: &str, groups: &[String]) -> Result<(), Error> {
         names::check_channel(channel)?;
+        for group in groups {
+            names::check_group(group)?;
+        }
         let inner = &*self.inner;
         let ticket = {
             let mut state = inner.state.lock();
-            let Some(ch) = state.channels.get_mut(channel) else {
-                return Ok(());
-            };
-            let Some(last) = ch.queue.back().or(ch.delivered.back()).map(|e| e.id) else {
-                return Ok(());
-            };
             let mut batch = sled::Batch::default();
-            batch.insert(
-                keys::cursor(channel).as_slice(),
-                keys::encode_u64(last).as_slice(),
-            );
-            for entry in ch.queue.iter().chain(ch.delivered.iter()) {
-                batch.remove(keys::reference(entry.id, channel));
+            let joined: Vec<&String> = groups
+                .iter()
+                .filter(|g| {
+                    state
+                        .groups
+                        .get(*g)
+                        .is_some_and(|m| m.contains_key(channel))
+                })
+                .collect();
+            for group in &joined {
+                batch.remove(keys::membership(group, channel));
+            }
+            let held = state.channels.get(channel).and_then(|ch| {
+                let last = ch.queue.back().or(ch.delivered.back())?.id;
+                for entry in ch.queue.iter().chain(ch.delivered.iter()) {
+                    batch.remove(keys::reference(entry.id, channel));
+                }
+                batch.insert(
+                    keys::cursor(channel).as_slice(),
+                    keys::encode_u64(last).as_slice(),
+                );
+                Some(last)
+            });
+            if joined.is_empty() && held.is_none() {
+                return Ok(());
             }
             let ticket = inner.store.apply(batch)?;
-            ch.restore_cursor(last);
-            ch.lost_upto = ch.lost_upto.max(last);
-            ch.queue.clear();
-            ch.delivered.clear();
+            for group in joined {
+                remove_member(&mut state, group, channel);
+            }
+            if let (Some(last), Some(ch)) = (held, state.channels.get_mut(channel)) {
+                ch.restore_cursor(last);
+                ch.lost_upto = ch.lost_upto.max(last);
+                ch.queue.clear();
+                ch.delivered.clear();
+            }
             ticket
         };
         inner.store.commit(ticket).await?;
