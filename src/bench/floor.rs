@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::load::{self, Schedule};
 use super::report::{Latency, Report, merge, percentiles};
-use super::scenario::{Ctx, Listening, open_subscribers};
+use super::scenario::{Ctx, Listening, note_first_error, open_subscribers};
 
 /// How long the stand-in waits for the subscribers to connect.
 const ACCEPT_DEADLINE: Duration = Duration::from_secs(60);
@@ -118,11 +118,7 @@ pub async fn floor_sse(
             b.p50_ms, b.p99_ms
         )),
     ));
-    if let Some(detail) = first_error {
-        report
-            .notes
-            .push(format!("first subscriber error: {detail}"));
-    }
+    note_first_error(&mut report, first_error);
     Ok(report)
 }
 

@@ -159,11 +159,7 @@ pub async fn fanout(
             published.reported_delivered, published.reported_full
         ));
     }
-    if let Some(detail) = first_error {
-        report
-            .notes
-            .push(format!("first subscriber error: {detail}"));
-    }
+    note_first_error(&mut report, first_error);
     report.latency_kind = Some("end to end: scheduled send to receive".into());
     report.latency = percentiles(received.latencies_us);
     report.publish_latency = percentiles(published.latencies_us);
@@ -220,11 +216,7 @@ pub async fn idle(ctx: &Ctx<'_>, name: &str, ws: bool) -> Result<Report, String>
         ..Report::default()
     };
     merge(&mut report.errors, received.errors);
-    if let Some(detail) = first_error {
-        report
-            .notes
-            .push(format!("first subscriber error: {detail}"));
-    }
+    note_first_error(&mut report, first_error);
     if ctx.shared_server() {
         discard(ctx.addr(), group, &channels).await;
     }
@@ -469,6 +461,15 @@ pub(super) async fn open_subscribers(
         }
     }
     (subs, errors, first)
+}
+
+/// Notes the first error of the subscribers that could not connect, if any.
+pub(super) fn note_first_error(report: &mut Report, first_error: Option<String>) {
+    if let Some(detail) = first_error {
+        report
+            .notes
+            .push(format!("first subscriber error: {detail}"));
+    }
 }
 
 /// Subscribers listening in their own tasks.
