@@ -284,11 +284,14 @@ impl Subscription {
             return;
         }
         self.api.streams.remove(&self.spec.channel, self.id);
-        if self.spec.ephemeral {
-            // Shutdown waits for these before its final flush.
+        // Shutdown waits for these before its final flush. (Without a runtime the
+        // process is ending; the membership then lapses by itself.)
+        if self.spec.ephemeral
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
             self.api
                 .background
-                .spawn(finish(self.api.clone(), self.spec.clone()));
+                .spawn_on(finish(self.api.clone(), self.spec.clone()), &runtime);
         }
     }
 }

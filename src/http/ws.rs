@@ -59,9 +59,9 @@ pub struct Handshake {
     on_upgrade: OnUpgrade,
 }
 
-/// The opening handshake of a `/v1/ws` request (the route checks the GET), or `invalid_parameter` saying what is missing.
-/// Herald does the upgrade itself rather than through warp's filter, to set the socket's
-/// buffer sizes.
+/// The opening handshake of a `/v1/ws` request (the route checks the GET), or
+/// `invalid_parameter` saying what is missing. Herald does the upgrade itself rather
+/// than through warp's filter, to set the socket's buffer sizes.
 pub fn handshake() -> impl Filter<Extract = (Handshake,), Error = Rejection> + Clone {
     warp::header::headers_cloned()
         .and(warp::ext::optional::<OnUpgrade>())
