@@ -25,7 +25,6 @@ const SPIN: Duration = Duration::from_micros(500);
 /// What the writer thread measured.
 struct Written {
     publishes: u64,
-    writes: u64,
     /// CPU time of the writing alone (thread CPU clock around each burst).
     write_cpu: Duration,
     /// Wall time of each burst: first write to last.
@@ -108,11 +107,13 @@ pub async fn floor_sse(
         ..Report::default()
     };
     merge(&mut report.errors, received.errors);
-    let per_write_us = written.write_cpu.as_secs_f64() * 1e6 / written.writes.max(1) as f64;
+    // The stand-in writes to every subscriber it accepted, and it accepts all of them.
+    let writes = written.publishes * subscribers as u64;
+    let per_write_us = written.write_cpu.as_secs_f64() * 1e6 / writes.max(1) as f64;
     let bursts = percentiles(written.bursts_us);
     report.notes.push(format!(
         "{name}: writer CPU {per_write_us:.1} µs per write ({} writes); burst of {connected} writes{}",
-        written.writes,
+        writes,
         bursts.map_or(String::new(), |b: Latency| format!(
             " p50/p99 {:.2}/{:.2} ms",
             b.p50_ms, b.p99_ms
@@ -178,7 +179,6 @@ fn read_head(socket: &mut TcpStream) -> Result<(), String> {
 fn write_all(sockets: &[TcpStream], schedule: &Schedule) -> Result<Written, String> {
     let mut written = Written {
         publishes: 0,
-        writes: 0,
         write_cpu: Duration::ZERO,
         bursts_us: Vec::new(),
     };
@@ -201,7 +201,6 @@ fn write_all(sockets: &[TcpStream], schedule: &Schedule) -> Result<Written, Stri
         }
         written.write_cpu += thread_cpu().saturating_sub(cpu0);
         written.bursts_us.push(wall0.elapsed().as_micros() as u64);
-        written.writes += sockets.len() as u64;
         written.publishes += 1;
     }
     Ok(written)

@@ -1061,7 +1061,6 @@ impl Drop for Receiver {
 /// Cuts a [`Receiver`] off: when `revoke` returns, it has taken its last message, a
 /// message it was woken for has passed to the next receiver in line, and a consumer
 /// waiting on it is woken to find `Ready(None)`.
-#[derive(Clone)]
 pub struct Revoker {
     inner: Arc<Inner>,
     key: Arc<ReceiverKey>,
