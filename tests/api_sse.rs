@@ -635,3 +635,134 @@ async fn at_max_connections_stream_requests_get_a_retry_hint_and_an_immediate_cl
     );
     holder.close();
 }
+
+/// Sends `parts` on one fresh connection, pausing between them, and returns the stream.
+async fn raw_request(server: &Server, parts: &[&str]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = server.url("").trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for (n, part) in parts.iter().enumerate() {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stream.write_all(part.as_bytes()).await.unwrap();
+    }
+    stream
+}
+
+/// Reads from `stream` until `text` has come (then returns all read so far), the stream
+/// ends, or 5 s pass.
+async fn read_until(stream: &mut tokio::net::TcpStream, text: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !String::from_utf8_lossy(&got).contains(text) {
+        let mut buf = [0; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn a_stream_that_opens_its_connection_ends_with_it_and_others_are_chunked() {
+    let server = Server::start().await;
+    let api = Api::new(&server);
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
+    // First request on its connection, whole in one packet: served directly, the body
+    // ends with the connection.
+    let mut direct = raw_request(&server, &[&get("/v1/channels/wire/events")]).await;
+    let head = read_until(&mut direct, "\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("content-type: text/event-stream"), "{head}");
+    assert!(lower.contains("connection: close\r\n"), "{head}");
+    assert!(lower.contains("\r\ndate: "), "{head}");
+    assert!(
+        !lower.contains("transfer-encoding") && !lower.contains("content-length"),
+        "{head}"
+    );
+    let id = api.send("wire", &msg(1)).await;
+    let event = format!("data:{}\nid:{id}\n\n", msg(1));
+    let body = read_until(&mut direct, &event).await;
+    assert!(
+        body.ends_with(&event),
+        "exactly the event, unframed: {body:?}"
+    );
+    // After another request on a kept-alive connection: hyper's chunked framing.
+    let mut reused = raw_request(
+        &server,
+        &[
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            &get("/v1/channels/wire/events"),
+        ],
+    )
+    .await;
+    let heads = read_until(&mut reused, "transfer-encoding: chunked\r\n").await;
+    let stream_head = heads.split("HTTP/1.1 ").nth(2).expect("two responses");
+    assert!(stream_head.starts_with("200 OK\r\n"), "{heads}");
+    assert!(stream_head.contains("text/event-stream"), "{heads}");
+    assert!(
+        stream_head.contains("transfer-encoding: chunked\r\n"),
+        "{heads}"
+    );
+    // The two streams compete for the channel's messages: one each.
+    let (a, b) = (
+        api.send("wire", &msg(2)).await,
+        api.send("wire", &msg(3)).await,
+    );
+    let (to_direct, to_reused) = (
+        read_until(&mut direct, "\n\n").await,
+        read_until(&mut reused, "\n\n").await,
+    );
+    let has = |text: &str, id: &str| text.contains(&format!("id:{id}\n"));
+    assert!(
+        (has(&to_direct, &a) && has(&to_reused, &b))
+            || (has(&to_direct, &b) && has(&to_reused, &a)),
+        "{to_direct:?} / {to_reused:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_request_that_comes_in_pieces_is_served_too() {
+    let server = Server::start().await;
+    let api = Api::new(&server);
+    let mut stream = raw_request(
+        &server,
+        &[
+            "GET /v1/channels/pieces/ev",
+            "ents HTTP/1.1\r\nHost: x\r\n",
+            "\r\n",
+        ],
+    )
+    .await;
+    let head = read_until(&mut stream, "\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let id = api.send("pieces", &msg(1)).await;
+    let body = read_until(&mut stream, &format!("id:{id}\n\n")).await;
+    assert!(body.contains(&msg(1).to_string()), "{body}");
+}
+
+#[tokio::test]
+async fn a_refused_stream_on_its_own_connection_gets_a_json_error_with_its_length() {
+    let server = Server::start().await;
+    let mut stream = raw_request(
+        &server,
+        &["GET /v1/channels/bad%20name/events HTTP/1.1\r\nHost: x\r\n\r\n"],
+    )
+    .await;
+    let response = read_until(&mut stream, "\u{0}never").await;
+    let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
+    assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+    let length = format!("content-length: {}", body.len());
+    assert!(
+        head.to_ascii_lowercase().contains(&length),
+        "{head} / {body}"
+    );
+    let error: Json = serde_json::from_str(body).unwrap();
+    assert_eq!(error["error"]["code"], "invalid_name", "{body}");
+}

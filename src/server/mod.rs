@@ -2,19 +2,16 @@
 //! the background, and on the shutdown signal stop accepting, end streams, finish
 //! in-flight requests and flush, within `server.shutdown_timeout_secs`.
 
+mod connection;
+mod direct;
+
 use std::any::Any;
 use std::future::Future;
-use std::io;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,12 +22,11 @@ use crate::layer::clock::SystemClock;
 use crate::layer::{self, ChannelLayer};
 use crate::store::StoreError;
 
+/// Every route of the API, as one warp filter.
+type Routes = warp::filters::BoxedFilter<(warp::reply::Response,)>;
+
 /// How long the accept loop pauses after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
-/// How long a connection closed by the server keeps reading (and discarding) what its
-/// client still sends; see [`ClientStream`].
-const LINGER: Duration = Duration::from_secs(5);
 
 /// Opens the channel layer described by `settings` (blocking work, done off the runtime).
 /// A panic while opening (sled asserts on some damaged files) becomes an error that
@@ -115,17 +111,12 @@ pub async fn run(
     }
 }
 
-/// Accepts connections and serves HTTP/1.1 on each (with upgrades, for WebSocket) until
-/// `stop` is cancelled; then stops accepting, lets every connection finish its
-/// in-flight request or stream, and returns once all have closed. Our own loop rather
-/// than `warp::serve`, for `TCP_NODELAY` (an SSE event is one small write that must
-/// not wait for an ACK) and for the lighter HTTP/1-only connection state.
-async fn serve<F>(listener: TcpListener, routes: F, stop: CancellationToken)
-where
-    F: warp::Filter + Clone + Send + Sync + 'static,
-    F::Extract: warp::Reply,
-{
-    let service = warp::service(routes);
+/// Accepts connections and serves each ([`connection::serve`]) until `stop` is
+/// cancelled; then stops accepting, lets every connection finish its in-flight request
+/// or stream, and returns once all have closed. Our own loop rather than `warp::serve`,
+/// for `TCP_NODELAY` (an SSE event is one small write that must not wait for an ACK)
+/// and for the lighter HTTP/1-only connection state.
+async fn serve(listener: TcpListener, routes: Routes, stop: CancellationToken) {
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -144,125 +135,11 @@ where
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(service.clone());
-        let stop = stop.clone();
-        connections.spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(ClientStream::new(stream)), service)
-                .with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+        connections.spawn(connection::serve(stream, routes.clone(), stop.clone()));
     }
     drop(listener);
     connections.close();
     connections.wait().await;
-}
-
-/// A client's TCP stream that closes like a production server's: when the server ends
-/// the connection before the client finished sending (an oversized body answered with
-/// 413 before it was read, a graceful shutdown), closing at once would make the kernel
-/// answer the unread bytes with a reset, and the client would see a broken pipe
-/// instead of the answer. So a stream dropped before end of input lingers: it shuts
-/// down its sending side (the client reads the answer, then end of stream) and reads
-/// and discards what still comes for up to [`LINGER`].
-struct ClientStream {
-    /// Always `Some` until dropped; taken by the lingering task.
-    stream: Option<TcpStream>,
-    /// The client ended its sending side: closing now cannot reset anything.
-    read_eof: bool,
-}
-
-impl ClientStream {
-    fn new(stream: TcpStream) -> Self {
-        ClientStream {
-            stream: Some(stream),
-            read_eof: false,
-        }
-    }
-
-    fn stream(self: Pin<&mut Self>) -> Pin<&mut TcpStream> {
-        Pin::new(
-            self.get_mut()
-                .stream
-                .as_mut()
-                .expect("present until dropped"),
-        )
-    }
-}
-
-impl Drop for ClientStream {
-    fn drop(&mut self) {
-        if self.read_eof {
-            return;
-        }
-        let (Some(mut stream), Ok(runtime)) =
-            (self.stream.take(), tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        runtime.spawn(async move {
-            let _ = stream.shutdown().await;
-            let mut sink = tokio::io::sink();
-            let _ = tokio::time::timeout(LINGER, tokio::io::copy(&mut stream, &mut sink)).await;
-        });
-    }
-}
-
-impl AsyncRead for ClientStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = self.as_mut().stream().poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() == before {
-            // A read into room that returns nothing is the end of the client's input.
-            self.read_eof |= buf.remaining() > 0;
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.stream().poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.stream().poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.stream().poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.stream().poll_shutdown(cx)
-    }
 }
 
 /// Removes expired messages and lapsed memberships every `every`.

@@ -1,0 +1,160 @@
+//! One client connection: an event-stream request that opens it is served directly
+//! ([`super::direct`]); everything else is HTTP/1.1 served by hyper, with upgrades for
+//! WebSocket. Either way the connection closes without resetting what the client still
+//! sends ([`linger`]).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{Routes, direct};
+
+/// How long a client has to send its first request head (hyper's own limit for the
+/// requests after it is the same).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a connection closed by the server keeps reading (and discarding) what its
+/// client still sends.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// Serves `stream` until the client or the server ends it.
+pub async fn serve(stream: TcpStream, routes: Routes, stop: CancellationToken) {
+    let first = tokio::select! {
+        _ = stop.cancelled() => return,
+        first = tokio::time::timeout(HEADER_READ_TIMEOUT, direct::peek_event_stream(&stream)) => first,
+    };
+    match first {
+        Err(_) => {}
+        Ok(Some(request)) => direct::respond(stream, request, routes).await,
+        // Boxed, so that an event stream's task is not as large as hyper's state.
+        Ok(None) => Box::pin(serve_http(stream, routes, stop)).await,
+    }
+}
+
+/// Serves HTTP/1.1 with hyper until the client closes, the server ends the connection,
+/// or `stop` (after the request in flight).
+async fn serve_http(stream: TcpStream, routes: Routes, stop: CancellationToken) {
+    let service = TowerToHyperService::new(warp::service(routes));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(ClientStream::new(stream)), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Closes `stream` like a production server does when it ends a connection before the
+/// client finished sending (an oversized body answered with 413 before it was read, a
+/// graceful shutdown). Closing at once would make the kernel answer the unread bytes
+/// with a reset, and the client would see a broken pipe instead of the answer. So the
+/// sending side is shut down (the client reads the answer, then end of stream), and
+/// what still comes is read and discarded until the client closes, for up to
+/// [`LINGER`].
+pub async fn linger(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut sink = tokio::io::sink();
+    let _ = tokio::time::timeout(LINGER, tokio::io::copy(&mut stream, &mut sink)).await;
+}
+
+/// The client's TCP stream as hyper holds it: dropped before the client's end of input,
+/// it [`linger`]s in a task of its own.
+struct ClientStream {
+    /// Always `Some` until dropped; taken by the lingering task.
+    stream: Option<TcpStream>,
+    /// The client ended its sending side: closing now cannot reset anything.
+    read_eof: bool,
+}
+
+impl ClientStream {
+    fn new(stream: TcpStream) -> Self {
+        ClientStream {
+            stream: Some(stream),
+            read_eof: false,
+        }
+    }
+
+    fn stream(self: Pin<&mut Self>) -> Pin<&mut TcpStream> {
+        Pin::new(
+            self.get_mut()
+                .stream
+                .as_mut()
+                .expect("present until dropped"),
+        )
+    }
+}
+
+impl Drop for ClientStream {
+    fn drop(&mut self) {
+        if self.read_eof {
+            return;
+        }
+        if let (Some(stream), Ok(runtime)) =
+            (self.stream.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(linger(stream));
+        }
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = self.as_mut().stream().poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() == before {
+            // A read into room that returns nothing is the end of the client's input.
+            self.read_eof |= buf.remaining() > 0;
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.stream().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.stream().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream().poll_shutdown(cx)
+    }
+}
