@@ -1,26 +1,35 @@
-//! `floor-sse`: the fan-out of `fanout-sse` against a stand-in server that does only
-//! what no SSE server can avoid: one thread, pinned like the server (`--server-cpu`),
-//! writes each event to each subscriber's socket with one `write` (HTTP/1.1 chunked, as
-//! Herald's streams are). No parsing, no storage, no scheduler. Its latencies are the
-//! floor that this machine's loopback TCP puts under any server's fan-out, measured with
-//! the same subscribers and clock as the real scenarios.
+//! `floor-sse`: the load of `fanout-sse` against a stand-in server that does only what
+//! no SSE server can avoid: one thread, pinned like the server (`--server-cpu`), waits
+//! for a publish (an HTTP POST from the same publishers), writes its body as one event
+//! to each subscriber's socket with one `write` each (the body ended by the connection,
+//! as Herald's streams are), and answers `202`. No routing, no storage, no scheduler.
+//! Its latencies are the floor that this machine's loopback TCP and wake-ups put under
+//! any server's fan-out, measured with the same clients and clock as the real
+//! scenarios.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::load::{self, Schedule};
+use super::load::{self, Destination, Transport};
 use super::report::{Latency, Report, merge, percentiles};
-use super::scenario::{Ctx, Listening, note_first_error, open_subscribers};
+use super::scenario::{
+    Ctx, FANOUT_PUBLISHERS, Listening, note_first_error, open_subscribers, publisher_report,
+};
 
 /// How long the stand-in waits for the subscribers to connect.
 const ACCEPT_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Below this much time to a due publish, the writer spins instead of sleeping, so that
-/// the thread's wake-up lag does not count against the floor.
-const SPIN: Duration = Duration::from_micros(500);
+/// How often the stand-in looks whether the load is over while no publish comes.
+const POLL_MS: libc::c_int = 100;
+
+/// The stand-in's answer to a publish.
+const ACCEPTED: &[u8] =
+    b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
 
 /// What the writer thread measured.
 struct Written {
@@ -40,23 +49,25 @@ pub async fn floor_sse(
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
-    let (start_tx, start_rx) = mpsc::channel::<Arc<Schedule>>();
+    let done = Arc::new(AtomicBool::new(false));
     let cpu = ctx.opts.server_cpu;
-    let writer = std::thread::spawn(move || -> Result<(Written, Vec<TcpStream>), String> {
-        if let Some(cpu) = cpu {
-            pin_to(cpu)?;
-        }
-        let sockets = match accept_all(&listener, subscribers) {
-            Ok(sockets) => sockets,
-            Err(e) => {
-                let _ = ready_tx.send(Err(e.clone()));
-                return Err(e);
+    let writer = {
+        let done = done.clone();
+        std::thread::spawn(move || -> Result<(Written, Vec<TcpStream>), String> {
+            if let Some(cpu) = cpu {
+                pin_to(cpu)?;
             }
-        };
-        let _ = ready_tx.send(Ok(()));
-        let schedule = start_rx.recv().map_err(|e| e.to_string())?;
-        Ok((write_all(&sockets, &schedule)?, sockets))
-    });
+            let sockets = match accept_all(&listener, subscribers) {
+                Ok(sockets) => sockets,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.clone()));
+                    return Err(e);
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            Ok((relay(&listener, &sockets, &done)?, sockets))
+        })
+    };
     let channels: Vec<String> = (0..subscribers).map(|n| format!("floor{n}")).collect();
     let (subs, errors, first_error) = open_subscribers(addr, false, "floor", &channels).await;
     let connected = subs.len();
@@ -67,64 +78,71 @@ pub async fn floor_sse(
         .map_err(|_| "the stand-in server stopped".to_string())?
         .map_err(|e| format!("stand-in server: {e}"))?;
     ctx.progress(&format!(
-        "{name}: {connected}/{subscribers} subscribers connected; writing {rate}/s for {} s",
+        "{name}: {connected}/{subscribers} subscribers connected; publishing {rate}/s for {} s",
         ctx.opts.duration
     ));
     let listening = Listening::start(subs);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let schedule = Schedule::new(ctx.duration(), Some(rate));
-    start_tx
-        .send(schedule.clone())
-        .map_err(|_| "the stand-in server stopped".to_string())?;
+    let (schedule, published) = load::publish(
+        addr,
+        Transport::Http,
+        Destination::Group("floor".into()),
+        FANOUT_PUBLISHERS,
+        ctx.duration(),
+        Some(rate),
+    )
+    .await;
+    done.store(true, Ordering::Relaxed);
     // The sockets stay open until the drain is over: a close is not a delivery.
     let (written, sockets) = tokio::task::spawn_blocking(move || writer.join())
         .await
         .map_err(|e| e.to_string())?
         .map_err(|_| "the stand-in server panicked".to_string())??;
-    let expected = written.publishes * connected as u64;
+    let expected = published.accepted.len() as u64 * connected as u64;
     let received = listening.drain(expected).await;
     drop(sockets);
 
-    let elapsed = schedule.start().elapsed().as_secs_f64();
     let deliveries = received.latencies_us.len() as u64;
-    let mut report = Report {
-        scenario: name.into(),
-        mode: format!(
-            "open loop at {rate}/s, one pinned writer thread (no Herald), SSE subscribers"
-        ),
-        duration_s: ctx.opts.duration,
-        subscribers_requested: subscribers,
-        subscribers_connected: connected,
-        publishes: written.publishes,
-        publishes_per_s: Some(written.publishes as f64 / ctx.opts.duration),
-        deliveries,
-        deliveries_per_s: Some(deliveries as f64 / elapsed),
-        expected: Some(expected),
-        delivered_ratio: Some(deliveries as f64 / expected.max(1) as f64),
-        latency_kind: Some("end to end: scheduled send to receive".into()),
-        latency: percentiles(received.latencies_us),
-        errors,
-        ..Report::default()
-    };
+    let mut report = publisher_report(name, &schedule, &published);
+    report.mode = format!(
+        "open loop at {rate}/s, {FANOUT_PUBLISHERS} HTTP publishers, one pinned thread \
+         relaying (no Herald), SSE subscribers"
+    );
+    report.connections = FANOUT_PUBLISHERS;
+    report.subscribers_requested = subscribers;
+    report.subscribers_connected = connected;
+    report.deliveries = deliveries;
+    report.deliveries_per_s = received
+        .last
+        .map(|last| deliveries as f64 / (last - schedule.start()).as_secs_f64());
+    report.expected = Some(expected);
+    report.delivered_ratio = Some(deliveries as f64 / expected.max(1) as f64);
+    report.latency_kind = Some("end to end: scheduled send to receive".into());
+    report.latency = percentiles(received.latencies_us);
+    report.publish_latency = percentiles(published.latencies_us);
+    merge(&mut report.errors, errors);
     merge(&mut report.errors, received.errors);
     // The stand-in writes to every subscriber it accepted, and it accepts all of them.
     let writes = written.publishes * subscribers as u64;
     let per_write_us = written.write_cpu.as_secs_f64() * 1e6 / writes.max(1) as f64;
     let bursts = percentiles(written.bursts_us);
-    report.notes.push(format!(
-        "{name}: writer CPU {per_write_us:.1} µs per write ({} writes); burst of {connected} writes{}",
-        writes,
-        bursts.map_or(String::new(), |b: Latency| format!(
-            " p50/p99 {:.2}/{:.2} ms",
-            b.p50_ms, b.p99_ms
-        )),
-    ));
+    report.notes.insert(
+        0,
+        format!(
+            "{name}: writer CPU {per_write_us:.1} µs per write ({} writes); burst of {connected} writes{}",
+            writes,
+            bursts.map_or(String::new(), |b: Latency| format!(
+                " p50/p99 {:.2}/{:.2} ms",
+                b.p50_ms, b.p99_ms
+            )),
+        ),
+    );
     note_first_error(&mut report, first_error);
     Ok(report)
 }
 
 /// Accepts `n` subscribers, reads each one's request head and answers with the head of
-/// a chunked event stream.
+/// an event stream.
 fn accept_all(listener: &TcpListener, n: usize) -> Result<Vec<TcpStream>, String> {
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + ACCEPT_DEADLINE;
@@ -138,7 +156,7 @@ fn accept_all(listener: &TcpListener, n: usize) -> Result<Vec<TcpStream>, String
                 socket
                     .write_all(
                         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
-                          transfer-encoding: chunked\r\n\r\n",
+                          connection: close\r\n\r\n",
                     )
                     .map_err(|e| e.to_string())?;
                 sockets.push(socket);
@@ -175,35 +193,93 @@ fn read_head(socket: &mut TcpStream) -> Result<(), String> {
     Ok(())
 }
 
-/// Writes each due event to every socket, one `write` each, until the schedule ends.
-fn write_all(sockets: &[TcpStream], schedule: &Schedule) -> Result<Written, String> {
+/// Serves the publishers until `done`: accepts their connections, and for each POST
+/// writes its body as one event to every subscriber (one `write` each), then answers
+/// `202`. Waiting for a publish is a blocking `poll`, as any server's idle wait is.
+fn relay(
+    listener: &TcpListener,
+    subscribers: &[TcpStream],
+    done: &AtomicBool,
+) -> Result<Written, String> {
     let mut written = Written {
         publishes: 0,
         write_cpu: Duration::ZERO,
         bursts_us: Vec::new(),
     };
-    while let Some((seq, due)) = schedule.claim() {
-        if let Some(wait) = due.checked_duration_since(Instant::now())
-            && wait > SPIN
+    let mut publishers: Vec<(TcpStream, Vec<u8>)> = Vec::new();
+    while !done.load(Ordering::Relaxed) {
+        let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
+            .chain(publishers.iter().map(|(socket, _)| socket.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, POLL_MS) };
+        if ready < 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        if fds[0].revents != 0
+            && let Ok((socket, _)) = listener.accept()
         {
-            std::thread::sleep(wait - SPIN);
+            socket.set_nonblocking(false).map_err(|e| e.to_string())?;
+            socket.set_nodelay(true).map_err(|e| e.to_string())?;
+            publishers.push((socket, Vec::new()));
         }
-        while Instant::now() < due {
-            std::hint::spin_loop();
+        let mut closed = Vec::new();
+        for (n, fd) in fds.iter().enumerate().skip(1) {
+            if fd.revents == 0 {
+                continue;
+            }
+            let (socket, pending) = &mut publishers[n - 1];
+            let mut bytes = [0; 4096];
+            match socket.read(&mut bytes) {
+                Ok(0) | Err(_) => {
+                    closed.push(n - 1);
+                    continue;
+                }
+                Ok(read) => pending.extend_from_slice(&bytes[..read]),
+            }
+            while let Some((body, used)) = next_request(pending) {
+                let event = format!(
+                    "data:{}\nid:{}\n\n",
+                    String::from_utf8_lossy(body),
+                    written.publishes
+                );
+                let (cpu0, wall0) = (thread_cpu(), Instant::now());
+                for mut subscriber in subscribers {
+                    subscriber
+                        .write_all(event.as_bytes())
+                        .map_err(|e| e.to_string())?;
+                }
+                written.write_cpu += thread_cpu().saturating_sub(cpu0);
+                written.bursts_us.push(wall0.elapsed().as_micros() as u64);
+                written.publishes += 1;
+                pending.drain(..used);
+                socket.write_all(ACCEPTED).map_err(|e| e.to_string())?;
+            }
         }
-        let event = format!("data:{}\nid:{seq}\n\n", load::message(seq, due));
-        let chunk = format!("{:x}\r\n{event}\r\n", event.len());
-        let (cpu0, wall0) = (thread_cpu(), Instant::now());
-        for mut socket in sockets {
-            socket
-                .write_all(chunk.as_bytes())
-                .map_err(|e| e.to_string())?;
+        for n in closed.into_iter().rev() {
+            publishers.swap_remove(n);
         }
-        written.write_cpu += thread_cpu().saturating_sub(cpu0);
-        written.bursts_us.push(wall0.elapsed().as_micros() as u64);
-        written.publishes += 1;
     }
     Ok(written)
+}
+
+/// The body of the first whole request in `bytes` (sized by `content-length`) and how
+/// many bytes the request takes, or `None` while it is incomplete.
+fn next_request(bytes: &[u8]) -> Option<(&[u8], usize)> {
+    let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&bytes[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0);
+    let body = bytes.get(head_end..head_end + length)?;
+    Some((body, head_end + length))
 }
 
 /// This thread's CPU time.
@@ -233,5 +309,21 @@ fn pin_to(cpu: usize) -> Result<(), String> {
             "cannot pin to CPU {cpu}: {}",
             std::io::Error::last_os_error()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_cut_at_their_content_length() {
+        let two = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcPOST /b HTTP/1.1\r\ncontent-length: 2\r\n\r\nxy";
+        let (body, used) = next_request(two).expect("a whole request");
+        assert_eq!(body, b"abc");
+        let (body, rest) = next_request(&two[used..]).expect("a whole request");
+        assert_eq!((body, used + rest), (&b"xy"[..], two.len()));
+        assert!(next_request(b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nab").is_none());
+        assert!(next_request(b"POST /a HTTP/1.1\r\nContent-Len").is_none());
     }
 }

@@ -13,7 +13,7 @@ use hyper::Method;
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as Frame;
 
-use super::clients::{HttpConn, REQUEST_TIMEOUT, Reply, error_code, ws_connect};
+use super::clients::{ConnectError, HttpConn, REQUEST_TIMEOUT, Reply, Ws, error_code, ws_connect};
 use super::report::{Errors, count, merge};
 use super::since_base_us;
 
@@ -188,21 +188,35 @@ pub enum Transport {
     Ws,
 }
 
-/// Runs `connections` publishers on `schedule` until it ends, and sums what they did.
+/// Opens `connections` publisher connections, then starts a schedule of `duration` at
+/// `rate` (so that no publish waits for a connection to open) and runs the publishers
+/// on it until it ends. Returns the schedule and the sum of what the publishers did.
 pub async fn publish(
     addr: SocketAddr,
     transport: Transport,
     destination: Destination,
     connections: usize,
-    schedule: Arc<Schedule>,
-) -> Published {
-    let tasks: Vec<_> = (0..connections)
-        .map(|_| {
+    duration: Duration,
+    rate: Option<f64>,
+) -> (Arc<Schedule>, Published) {
+    let mut opened = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        opened.push(match transport {
+            Transport::Http => Connection::Http(HttpConn::connect(addr).await),
+            Transport::Ws => Connection::Ws(ws_connect(addr).await.map(Box::new)),
+        });
+    }
+    let schedule = Schedule::new(duration, rate);
+    let tasks: Vec<_> = opened
+        .into_iter()
+        .map(|connection| {
             let (destination, schedule) = (destination.clone(), schedule.clone());
             tokio::spawn(async move {
-                match transport {
-                    Transport::Http => publish_http(addr, &destination, &schedule).await,
-                    Transport::Ws => publish_ws(addr, &destination, &schedule).await,
+                match connection {
+                    Connection::Http(conn) => {
+                        publish_http(addr, conn, &destination, &schedule).await
+                    }
+                    Connection::Ws(ws) => publish_ws(ws, &destination, &schedule).await,
                 }
             })
         })
@@ -214,12 +228,19 @@ pub async fn publish(
             Err(_) => count(&mut total.errors, "publisher panicked", 1),
         }
     }
-    total
+    (schedule, total)
+}
+
+/// A publisher's connection, opened before the schedule starts.
+enum Connection {
+    Http(Result<HttpConn, ConnectError>),
+    Ws(Result<Box<Ws>, ConnectError>),
 }
 
 /// One HTTP keep-alive publisher; reconnects after an I/O error.
 async fn publish_http(
     addr: SocketAddr,
+    opened: Result<HttpConn, ConnectError>,
     destination: &Destination,
     schedule: &Schedule,
 ) -> Published {
@@ -230,7 +251,14 @@ async fn publish_http(
     }
     let path = destination.path();
     let mut out = Published::default();
-    let mut conn: Option<HttpConn> = None;
+    let mut conn = match opened {
+        Ok(conn) => Some(conn),
+        Err(e) => {
+            count(&mut out.errors, e.code, 1);
+            out.connect_error = Some(e.detail);
+            None
+        }
+    };
     while let Some((seq, due)) = schedule.claim() {
         schedule.wait(due).await;
         let c = match conn.as_mut() {
@@ -271,10 +299,14 @@ async fn publish_http(
 
 /// One WebSocket publisher with up to [`WS_WINDOW`] requests in flight, matched to
 /// their acks by `ref`.
-async fn publish_ws(addr: SocketAddr, destination: &Destination, schedule: &Schedule) -> Published {
+async fn publish_ws(
+    opened: Result<Box<Ws>, ConnectError>,
+    destination: &Destination,
+    schedule: &Schedule,
+) -> Published {
     let mut out = Published::default();
-    let mut ws = match ws_connect(addr).await {
-        Ok(ws) => ws,
+    let mut ws = match opened {
+        Ok(ws) => *ws,
         Err(e) => {
             count(&mut out.errors, e.code, 1);
             out.connect_error = Some(e.detail);

@@ -24,7 +24,7 @@ const OPEN_CONCURRENCY: usize = 64;
 /// How long one subscriber may take to connect and subscribe.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Publisher connections of the fan-out scenarios.
-const FANOUT_PUBLISHERS: usize = 16;
+pub const FANOUT_PUBLISHERS: usize = 16;
 /// After the last publish, subscribers stop once all is delivered, or after this long
 /// without a delivery.
 const DRAIN_IDLE: Duration = Duration::from_secs(2);
@@ -76,13 +76,13 @@ pub async fn publish(ctx: &Ctx<'_>, name: &str, transport: Transport) -> Result<
     };
     ctx.progress(&format!("{name}: publishing for {} s", opts.duration));
     let cpu = ctx.server.cpu_mark();
-    let schedule = Schedule::new(ctx.duration(), opts.rate);
-    let published = load::publish(
+    let (schedule, published) = load::publish(
         ctx.addr(),
         transport,
         destination.clone(),
         opts.connections,
-        schedule.clone(),
+        ctx.duration(),
+        opts.rate,
     )
     .await;
     let mut report = publisher_report(name, &schedule, &published);
@@ -120,13 +120,13 @@ pub async fn fanout(
     // subscribers' first reads settle before the clock starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cpu = ctx.server.cpu_mark();
-    let schedule = Schedule::new(ctx.duration(), Some(rate));
-    let published = load::publish(
+    let (schedule, published) = load::publish(
         ctx.addr(),
         Transport::Http,
         Destination::Group(group.into()),
         FANOUT_PUBLISHERS,
-        schedule.clone(),
+        ctx.duration(),
+        Some(rate),
     )
     .await;
     let expected = published.accepted.len() as u64 * connected as u64;
@@ -256,13 +256,13 @@ pub async fn overload(ctx: &Ctx<'_>, name: &str) -> Result<Report, String> {
             (seqs, errors)
         }
     });
-    let schedule = Schedule::new(ctx.duration(), None);
-    let published = load::publish(
+    let (schedule, published) = load::publish(
         ctx.addr(),
         Transport::Http,
         Destination::Channel(channel.into()),
         ctx.opts.connections,
-        schedule.clone(),
+        ctx.duration(),
+        None,
     )
     .await;
     stop.cancel();
@@ -379,7 +379,7 @@ impl Receiver {
 }
 
 /// The report fields that come from the publishers alone.
-fn publisher_report(name: &str, schedule: &Schedule, published: &Published) -> Report {
+pub fn publisher_report(name: &str, schedule: &Schedule, published: &Published) -> Report {
     let publishes = published.accepted.len() as u64;
     let mut report = Report {
         scenario: name.into(),
