@@ -686,16 +686,12 @@ impl Inner {
     /// The channel's state, created on first use with its configured limits.
     fn channel<'a>(
         &self,
-        channels: &'a mut foldhash::HashMap<String, Channel>,
+        channels: &'a mut hashbrown::HashMap<String, Channel>,
         name: &str,
     ) -> &'a mut Channel {
-        if !channels.contains_key(name) {
-            channels.insert(
-                name.to_string(),
-                Channel::new(name, &self.rules, self.replay_capacity),
-            );
-        }
-        channels.get_mut(name).expect("inserted above")
+        channels
+            .entry_ref(name)
+            .or_insert_with(|| Channel::new(name, &self.rules, self.replay_capacity))
     }
 
     fn check_size(&self, message: &Message) -> Result<(), Error> {

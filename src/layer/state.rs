@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use foldhash::HashMap;
+use hashbrown::HashMap;
 use std::sync::Arc;
 
 use std::task::Waker;
@@ -185,8 +185,9 @@ impl Membership {
     }
 }
 
-/// Everything the layer holds in memory. The maps hash with foldhash: a group_send
-/// looks up every member's channel, and SipHash was a visible part of its cost.
+/// Everything the layer holds in memory. The maps are hashbrown's, hashing with foldhash:
+/// a group_send looks up every member's channel, SipHash was a visible part of its
+/// cost, and `entry_ref` finds or creates a channel with one lookup.
 #[derive(Default)]
 pub(super) struct State {
     pub channels: HashMap<String, Channel>,
