@@ -117,6 +117,10 @@ impl Flushed {
 /// See [`Flusher::gather`].
 const GATHER_STEP: Duration = Duration::from_micros(50);
 const GATHER_MAX: Duration = Duration::from_micros(500);
+/// How long opening waits for the data directory's lock (see [`open_sled`]).
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+/// How often opening tries the lock meanwhile.
+const LOCK_RETRY: Duration = Duration::from_millis(20);
 
 struct Flusher {
     /// The ticket of the latest write.
@@ -171,7 +175,7 @@ impl Store {
         };
         let config = sled::Config::new().path(path).flush_every_ms(flush_every);
         let had_data = holds_sled_data(path);
-        let db = config.open().map_err(|e| open_error(path, e))?;
+        let db = open_sled(&config, path)?;
         if had_data && db.is_empty() {
             // sled starts empty from a log it cannot read at all (truncated, deleted,
             // overwritten at the start): never serve that as a new, empty store.
@@ -484,6 +488,21 @@ impl Flusher {
             if self.stop.load(Ordering::SeqCst) {
                 return;
             }
+        }
+    }
+}
+
+/// Opens sled, waiting up to [`LOCK_WAIT`] for the directory's lock: a database closed a
+/// moment ago in this process (a reopen, a migration) releases it from one of sled's
+/// background threads, shortly after the close returns.
+fn open_sled(config: &sled::Config, path: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open().map_err(|e| open_error(path, e)) {
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(LOCK_RETRY);
+            }
+            result => return result,
         }
     }
 }
