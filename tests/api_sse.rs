@@ -654,14 +654,23 @@ async fn raw_request(server: &Server, parts: &[&str]) -> tokio::net::TcpStream {
 /// ends, or 5 s pass.
 async fn read_until(stream: &mut tokio::net::TcpStream, text: &str) -> String {
     use tokio::io::AsyncReadExt;
-    let mut got = Vec::new();
+    let mut got: Vec<u8> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !String::from_utf8_lossy(&got).contains(text) {
-        let mut buf = [0; 4096];
+    loop {
+        let mut buf = [0; 65536];
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+        let n = match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
             _ => break,
+        };
+        // Only the new bytes (and what a match could straddle) need looking at.
+        let from = got.len().saturating_sub(text.len());
+        got.extend_from_slice(&buf[..n]);
+        if got[from..]
+            .windows(text.len())
+            .any(|w| w == text.as_bytes())
+        {
+            break;
         }
     }
     String::from_utf8_lossy(&got).into_owned()
@@ -765,4 +774,56 @@ async fn a_refused_stream_on_its_own_connection_gets_a_json_error_with_its_lengt
     );
     let error: Json = serde_json::from_str(body).unwrap();
     assert_eq!(error["error"]["code"], "invalid_name", "{body}");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_and_frees_its_slot() {
+    let server = Server::start_with(
+        "[server]\nslow_consumer_secs = 1\nmax_connections = 2\n\
+         [storage]\ndurability = \"interval\"\n[layer]\ncapacity = 1000\n",
+    )
+    .await;
+    let api = Api::new(&server);
+    // A stream that is never read: its socket buffers fill and the server's write stalls.
+    let mut stuck = raw_request(
+        &server,
+        &["GET /v1/channels/stuck/events HTTP/1.1\r\nHost: x\r\n\r\n"],
+    )
+    .await;
+    let pad = "p".repeat(30_000);
+    for n in 0..400 {
+        api.send("stuck", &json!({"type": "big", "n": n, "pad": pad}))
+            .await;
+    }
+    // The other slot, held: the stalled stream holds the last one until it is closed.
+    let mut holder = Sse::open(&api.http, &events_url(&server, "held"), &[]).await;
+    // Within 4 × slow_consumer_secs of stalling, the connection is closed and its slot
+    // is free.
+    within(
+        Duration::from_secs(10),
+        "the stalled stream's slot to be freed",
+        async {
+            loop {
+                let response = api
+                    .http
+                    .get(api.url("/v1/channels/x/messages"))
+                    .send()
+                    .await;
+                if response.is_ok_and(|r| r.status() == 204) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        },
+    )
+    .await;
+    // The stalled client finds the events it was sent, then the end of its connection.
+    let rest = read_until(&mut stuck, "\u{0}never").await;
+    assert!(
+        rest.starts_with("HTTP/1.1 200 OK\r\n"),
+        "{}",
+        &rest[..200.min(rest.len())]
+    );
+    assert!(rest.contains("data:{"), "events before the end");
+    holder.close();
 }

@@ -1,8 +1,9 @@
 //! One client connection: an event-stream request that opens it is served directly
 //! ([`super::direct`]); everything else is HTTP/1.1 served by hyper, with upgrades for
-//! WebSocket. Either way the connection closes without resetting what the client still
-//! sends ([`linger`]).
+//! WebSocket. Either way the socket is a [`ClientStream`]: a write that stalls is given
+//! up, and the connection closes without resetting what the client still sends.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -12,6 +13,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use super::{Routes, direct};
@@ -24,12 +26,14 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// client still sends.
 const LINGER: Duration = Duration::from_secs(5);
 
-/// Serves `stream` until the client or the server ends it.
-pub async fn serve(stream: TcpStream, routes: Routes, stop: CancellationToken) {
+/// Serves `stream` until the client or the server ends it, or the client takes nothing
+/// of a write for `stall`.
+pub async fn serve(stream: TcpStream, routes: Routes, stop: CancellationToken, stall: Duration) {
     let first = tokio::select! {
         _ = stop.cancelled() => return,
         first = tokio::time::timeout(HEADER_READ_TIMEOUT, direct::peek_event_stream(&stream)) => first,
     };
+    let stream = ClientStream::new(stream, stall);
     match first {
         Err(_) => {}
         Ok(Some(request)) => direct::respond(stream, request, routes).await,
@@ -40,12 +44,12 @@ pub async fn serve(stream: TcpStream, routes: Routes, stop: CancellationToken) {
 
 /// Serves HTTP/1.1 with hyper until the client closes, the server ends the connection,
 /// or `stop` (after the request in flight).
-async fn serve_http(stream: TcpStream, routes: Routes, stop: CancellationToken) {
+async fn serve_http(stream: ClientStream, routes: Routes, stop: CancellationToken) {
     let service = TowerToHyperService::new(warp::service(routes));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(ClientStream::new(stream)), service)
+        .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
@@ -67,36 +71,63 @@ async fn serve_http(stream: TcpStream, routes: Routes, stop: CancellationToken) 
 /// sending side is shut down (the client reads the answer, then end of stream), and
 /// what still comes is read and discarded until the client closes, for up to
 /// [`LINGER`].
-pub async fn linger(mut stream: TcpStream) {
+async fn linger(mut stream: TcpStream) {
     let _ = stream.shutdown().await;
     let mut sink = tokio::io::sink();
     let _ = tokio::time::timeout(LINGER, tokio::io::copy(&mut stream, &mut sink)).await;
 }
 
-/// The client's TCP stream as hyper holds it: dropped before the client's end of input,
-/// it [`linger`]s in a task of its own.
-struct ClientStream {
+/// A client's TCP stream as Herald serves it:
+/// - a write that the client takes nothing of for `stall` fails with `TimedOut`, so that
+///   a client that stopped reading (its buffers full) does not hold its connection,
+///   and its connection slot, for as long as TCP keeps it open;
+/// - dropped before the client's end of input, it [`linger`]s in a task of its own.
+pub struct ClientStream {
     /// Always `Some` until dropped; taken by the lingering task.
     stream: Option<TcpStream>,
     /// The client ended its sending side: closing now cannot reset anything.
     read_eof: bool,
+    stall: Duration,
+    /// Runs while a write waits for room in the socket.
+    stalled: Option<Pin<Box<Sleep>>>,
 }
 
 impl ClientStream {
-    fn new(stream: TcpStream) -> Self {
+    fn new(stream: TcpStream, stall: Duration) -> Self {
         ClientStream {
             stream: Some(stream),
             read_eof: false,
+            stall,
+            stalled: None,
         }
     }
 
-    fn stream(self: Pin<&mut Self>) -> Pin<&mut TcpStream> {
-        Pin::new(
-            self.get_mut()
-                .stream
-                .as_mut()
-                .expect("present until dropped"),
-        )
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(self.stream.as_mut().expect("present until dropped"))
+    }
+
+    /// Passes on a write's outcome; a write still pending after `stall` (counted from
+    /// the first time it was pending) fails.
+    fn timed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let stall = self.stall;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing for the slow-consumer time",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -120,7 +151,7 @@ impl AsyncRead for ClientStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let polled = self.as_mut().stream().poll_read(cx, buf);
+        let polled = self.stream().poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() == before {
             // A read into room that returns nothing is the end of the client's input.
             self.read_eof |= buf.remaining() > 0;
@@ -135,7 +166,9 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.stream().poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = this.stream().poll_write(cx, buf);
+        this.timed(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -143,7 +176,9 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.stream().poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = this.stream().poll_write_vectored(cx, bufs);
+        this.timed(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -151,10 +186,10 @@ impl AsyncWrite for ClientStream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.stream().poll_flush(cx)
+        self.get_mut().stream().poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.stream().poll_shutdown(cx)
+        self.get_mut().stream().poll_shutdown(cx)
     }
 }

@@ -23,7 +23,7 @@ use warp::http::header::{
 use warp::http::{Request, StatusCode, Version, response};
 
 use super::Routes;
-use super::connection::linger;
+use super::connection::ClientStream;
 
 /// The most bytes of a request head looked at; a longer head is left to hyper.
 const PEEK_BYTES: usize = 4096;
@@ -82,8 +82,9 @@ fn parse_event_stream(bytes: &[u8]) -> Option<EventStreamRequest> {
 }
 
 /// Reads the request off `stream`, answers it with `routes`, and closes the
-/// connection when the response ends or the client goes away.
-pub async fn respond(mut stream: TcpStream, request: EventStreamRequest, routes: Routes) {
+/// connection when the response ends, the client goes away, or a write fails (a
+/// [`ClientStream`] gives up on a write that stalls).
+pub async fn respond(mut stream: ClientStream, request: EventStreamRequest, routes: Routes) {
     let mut head = vec![0; request.head_len];
     if stream.read_exact(&mut head).await.is_err() {
         return;
@@ -98,9 +99,7 @@ pub async fn respond(mut stream: TcpStream, request: EventStreamRequest, routes:
         return;
     }
     drop(head);
-    if write_body(&mut stream, body).await {
-        tokio::spawn(linger(stream));
-    }
+    write_body(&mut stream, body).await;
 }
 
 /// The response head: status line, the routes' headers, and the framing of a body
@@ -139,24 +138,23 @@ fn encode_head(parts: &response::Parts, length: Option<u64>) -> Vec<u8> {
 }
 
 /// Writes the body's data as it comes, each time with whatever else is already waiting
-/// (up to [`BATCH_BYTES`]). Bytes the client sends meanwhile are read and dropped, so
-/// that its closing is seen at once. Returns `true` when the body ended, `false` when
-/// the client went away or a write failed.
-async fn write_body<B: Body<Data = Bytes>>(stream: &mut TcpStream, body: B) -> bool {
+/// (up to [`BATCH_BYTES`]), until it ends, the client goes away, or a write fails.
+/// Bytes the client sends meanwhile are read and dropped, so that its closing is seen
+/// at once.
+async fn write_body<B: Body<Data = Bytes>>(stream: &mut ClientStream, body: B) {
     let mut body = pin!(body);
-    let (mut input, mut output) = stream.split();
     let mut dropped = [0; 64];
     loop {
         let frame = tokio::select! {
             biased;
             frame = body.frame() => frame,
-            read = input.read(&mut dropped) => match read {
+            read = stream.read(&mut dropped) => match read {
                 Ok(n) if n > 0 => continue,
-                _ => return false,
+                _ => return,
             },
         };
         let Some(Ok(frame)) = frame else {
-            return true;
+            return;
         };
         let Ok(first) = frame.into_data() else {
             continue;
@@ -180,14 +178,11 @@ async fn write_body<B: Body<Data = Bytes>>(stream: &mut TcpStream, body: B) -> b
             }
         }
         let written = match batch {
-            Some(batch) => output.write_all(&batch).await,
-            None => output.write_all(&first).await,
+            Some(batch) => stream.write_all(&batch).await,
+            None => stream.write_all(&first).await,
         };
-        if written.is_err() {
-            return false;
-        }
-        if ended {
-            return true;
+        if written.is_err() || ended {
+            return;
         }
     }
 }

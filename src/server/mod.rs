@@ -25,6 +25,11 @@ use crate::store::StoreError;
 /// Every route of the API, as one warp filter.
 type Routes = warp::filters::BoxedFilter<(warp::reply::Response,)>;
 
+/// A connection whose client takes nothing of a write for this many times
+/// `slow_consumer_secs` is closed. By then its stream was cut off for slowness, and the
+/// client had time to read the end of it (a WebSocket close 1008) had it read at all.
+const STALL_FACTOR: u32 = 4;
+
 /// How long the accept loop pauses after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -82,10 +87,11 @@ pub async fn run(
         token.clone(),
     ));
     let timeout = Duration::from_secs(settings.server.shutdown_timeout_secs);
+    let stall = Duration::from_secs(settings.server.slow_consumer_secs) * STALL_FACTOR;
     let api = Api::new(layer.clone(), settings.server, token.clone());
     let watchdog = tokio::spawn(http::subscription::watchdog(api.clone()));
     let background = api.background.clone();
-    let server = tokio::spawn(serve(listener, http::routes(api), token.clone()));
+    let server = tokio::spawn(serve(listener, http::routes(api), token.clone(), stall));
     shutdown.await;
     tracing::info!("shutting down: no new connections, ending streams");
     token.cancel();
@@ -111,12 +117,12 @@ pub async fn run(
     }
 }
 
-/// Accepts connections and serves each ([`connection::serve`]) until `stop` is
-/// cancelled; then stops accepting, lets every connection finish its in-flight request
+/// Accepts connections and serves each ([`connection::serve`], giving up on a client
+/// that takes nothing of a write for `stall`) until `stop` is cancelled; then stops accepting, lets every connection finish its in-flight request
 /// or stream, and returns once all have closed. Our own loop rather than `warp::serve`,
 /// for `TCP_NODELAY` (an SSE event is one small write that must not wait for an ACK)
 /// and for the lighter HTTP/1-only connection state.
-async fn serve(listener: TcpListener, routes: Routes, stop: CancellationToken) {
+async fn serve(listener: TcpListener, routes: Routes, stop: CancellationToken, stall: Duration) {
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -135,7 +141,12 @@ async fn serve(listener: TcpListener, routes: Routes, stop: CancellationToken) {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        connections.spawn(connection::serve(stream, routes.clone(), stop.clone()));
+        connections.spawn(connection::serve(
+            stream,
+            routes.clone(),
+            stop.clone(),
+            stall,
+        ));
     }
     drop(listener);
     connections.close();
