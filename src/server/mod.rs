@@ -87,7 +87,8 @@ pub async fn run(
         token.clone(),
     ));
     let timeout = Duration::from_secs(settings.server.shutdown_timeout_secs);
-    let stall = Duration::from_secs(settings.server.slow_consumer_secs) * STALL_FACTOR;
+    let stall =
+        Duration::from_secs(settings.server.slow_consumer_secs).saturating_mul(STALL_FACTOR);
     let api = Api::new(layer.clone(), settings.server, token.clone());
     let watchdog = tokio::spawn(http::subscription::watchdog(api.clone()));
     let background = api.background.clone();
