@@ -16,9 +16,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::load::{self, Destination, Transport};
-use super::report::{Latency, Report, merge, percentiles};
+use super::report::{Latency, Report, percentiles};
 use super::scenario::{
-    Ctx, FANOUT_PUBLISHERS, Listening, note_first_error, open_subscribers, publisher_report,
+    Ctx, FANOUT_PUBLISHERS, Listening, fanout_report, note_first_error, open_subscribers,
 };
 
 /// How long the stand-in waits for the subscribers to connect.
@@ -98,30 +98,23 @@ pub async fn floor_sse(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|_| "the stand-in server panicked".to_string())??;
-    let expected = published.accepted.len() as u64 * connected as u64;
-    let received = listening.drain(expected).await;
+    let received = listening
+        .drain(published.accepted.len() as u64 * connected as u64)
+        .await;
     drop(sockets);
 
-    let deliveries = received.latencies_us.len() as u64;
-    let mut report = publisher_report(name, &schedule, &published);
-    report.mode = format!(
+    let mode = format!(
         "open loop at {rate}/s, {FANOUT_PUBLISHERS} HTTP publishers, one pinned thread \
          relaying (no Herald), SSE subscribers"
     );
-    report.connections = FANOUT_PUBLISHERS;
-    report.subscribers_requested = subscribers;
-    report.subscribers_connected = connected;
-    report.deliveries = deliveries;
-    report.deliveries_per_s = received
-        .last
-        .map(|last| deliveries as f64 / (last - schedule.start()).as_secs_f64());
-    report.expected = Some(expected);
-    report.delivered_ratio = Some(deliveries as f64 / expected.max(1) as f64);
-    report.latency_kind = Some("end to end: scheduled send to receive".into());
-    report.latency = percentiles(received.latencies_us);
-    report.publish_latency = percentiles(published.latencies_us);
-    merge(&mut report.errors, errors);
-    merge(&mut report.errors, received.errors);
+    let mut report = fanout_report(
+        name,
+        mode,
+        (&schedule, &published),
+        (subscribers, connected),
+        received,
+        errors,
+    );
     // The stand-in writes to every subscriber it accepted, and it accepts all of them.
     let writes = written.publishes * subscribers as u64;
     let per_write_us = written.write_cpu.as_secs_f64() * 1e6 / writes.max(1) as f64;

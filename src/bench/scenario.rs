@@ -109,7 +109,7 @@ pub async fn fanout(
 ) -> Result<Report, String> {
     let group = "bench-fanout";
     let channels = channel_names(ctx, "fanout", subscribers);
-    let (subs, mut errors, first_error) = open_subscribers(ctx.addr(), ws, group, &channels).await;
+    let (subs, errors, first_error) = open_subscribers(ctx.addr(), ws, group, &channels).await;
     let connected = subs.len();
     ctx.progress(&format!(
         "{name}: {connected}/{subscribers} subscribers connected; publishing {rate}/s for {} s",
@@ -131,26 +131,20 @@ pub async fn fanout(
     .await;
     let expected = published.accepted.len() as u64 * connected as u64;
     let received = listening.drain(expected).await;
-    merge(&mut errors, received.errors);
-
-    let mut report = publisher_report(name, &schedule, &published);
-    (report.server_cpu_percent, report.bench_cpu_percent) = cpu.percent_since(ctx.server);
-    merge(&mut report.errors, errors);
-    report.mode = format!(
+    let mode = format!(
         "{}, {FANOUT_PUBLISHERS} HTTP publishers, {} subscribers",
         mode(Some(rate)),
         if ws { "WebSocket" } else { "SSE" }
     );
-    report.connections = FANOUT_PUBLISHERS;
-    report.subscribers_requested = subscribers;
-    report.subscribers_connected = connected;
-    let deliveries = received.latencies_us.len() as u64;
-    report.deliveries = deliveries;
-    report.deliveries_per_s = received
-        .last
-        .map(|last| deliveries as f64 / (last - schedule.start()).as_secs_f64());
-    report.expected = Some(expected);
-    report.delivered_ratio = Some(ratio(deliveries, expected));
+    let mut report = fanout_report(
+        name,
+        mode,
+        (&schedule, &published),
+        (subscribers, connected),
+        received,
+        errors,
+    );
+    (report.server_cpu_percent, report.bench_cpu_percent) = cpu.percent_since(ctx.server);
     report.reported_delivered = Some(published.reported_delivered);
     report.reported_full = Some(published.reported_full);
     if published.reported_delivered != expected {
@@ -160,13 +154,42 @@ pub async fn fanout(
         ));
     }
     note_first_error(&mut report, first_error);
-    report.latency_kind = Some("end to end: scheduled send to receive".into());
-    report.latency = percentiles(received.latencies_us);
-    report.publish_latency = percentiles(published.latencies_us);
     if ctx.shared_server() {
         discard(ctx.addr(), group, &channels).await;
     }
     Ok(report)
+}
+
+/// The report of a fan-out load: the publishers' figures, then what the `connected` of
+/// `subscribers` subscribers received of each accepted publish, timed end to end from
+/// its scheduled send. `errors` are the subscribers' own (opening them).
+pub fn fanout_report(
+    name: &str,
+    mode: String,
+    (schedule, published): (&Schedule, &Published),
+    (subscribers, connected): (usize, usize),
+    received: Received,
+    errors: Errors,
+) -> Report {
+    let expected = published.accepted.len() as u64 * connected as u64;
+    let deliveries = received.latencies_us.len() as u64;
+    let mut report = publisher_report(name, schedule, published);
+    merge(&mut report.errors, errors);
+    merge(&mut report.errors, received.errors);
+    report.mode = mode;
+    report.connections = FANOUT_PUBLISHERS;
+    report.subscribers_requested = subscribers;
+    report.subscribers_connected = connected;
+    report.deliveries = deliveries;
+    report.deliveries_per_s = received
+        .last
+        .map(|last| deliveries as f64 / (last - schedule.start()).as_secs_f64());
+    report.expected = Some(expected);
+    report.delivered_ratio = Some(ratio(deliveries, expected));
+    report.latency_kind = Some("end to end: scheduled send to receive".into());
+    report.latency = percentiles(received.latencies_us);
+    report.publish_latency = percentiles(published.latencies_us.clone());
+    report
 }
 
 /// `idle-sse` and `idle-ws`: the server's memory before and after `--subscribers` idle
@@ -379,7 +402,7 @@ impl Receiver {
 }
 
 /// The report fields that come from the publishers alone.
-pub fn publisher_report(name: &str, schedule: &Schedule, published: &Published) -> Report {
+fn publisher_report(name: &str, schedule: &Schedule, published: &Published) -> Report {
     let publishes = published.accepted.len() as u64;
     let mut report = Report {
         scenario: name.into(),
