@@ -101,16 +101,16 @@ impl Server {
         Server::start_with_args(work, config, &[]).await
     }
 
-    /// Starts a server on the data directory of `work` with extra `serve` flags.
+    /// Starts a server on the data directory of `work` with extra `serve` flags; it
+    /// listens on port 0 unless they give `--listen`.
     pub async fn start_with_args(work: Arc<Workdir>, config: &str, args: &[&str]) -> Server {
         let n = work.starts.fetch_add(1, Ordering::SeqCst);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(work.data_dir())
-            .args(args);
+        cmd.arg("serve");
+        if !args.contains(&"--listen") {
+            cmd.arg("--listen").arg("127.0.0.1:0");
+        }
+        cmd.arg("--data-dir").arg(work.data_dir()).args(args);
         let config = (!config.is_empty()).then(|| config.to_string());
         if let Some(text) = &config {
             let path = work.dir.path().join(format!("herald-{n}.toml"));

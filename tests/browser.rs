@@ -1,0 +1,285 @@
+//! A real browser against a real server: headless Chromium's `EventSource`, on a page of
+//! another origin, receives a channel's messages over CORS, and after the server is
+//! killed (SIGKILL) and restarted it reconnects by itself with `Last-Event-ID` and gets
+//! what it missed from the replay log.
+//!
+//! The browser is driven over the Chrome DevTools protocol (`Runtime.evaluate` on the
+//! page's WebSocket). Without a Chromium on the PATH the test says so and passes, unless
+//! `HERALD_REQUIRE_BROWSER` is set (CI sets it, after installing `chromium`).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value as Json, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+const CHANNEL: &str = "browser.tab";
+
+/// The first Chromium found on the PATH.
+fn chromium() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    [
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+        "google-chrome-stable",
+    ]
+    .iter()
+    .flat_map(|name| std::env::split_paths(&path).map(move |dir| dir.join(name)))
+    .find(|candidate| candidate.is_file())
+}
+
+/// A port that was free a moment ago, for a server that must come back on the same one.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Serves `html` for every request: the page lives on its own origin, not Herald's.
+fn serve_page(listener: TcpListener, html: String) {
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let html = html.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match socket.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{html}",
+                    html.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+}
+
+/// A headless Chromium showing one page, driven over the DevTools protocol.
+struct Browser {
+    _child: Child,
+    _profile: tempfile::TempDir,
+    page: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    next_id: u64,
+}
+
+impl Browser {
+    async fn open(binary: &PathBuf, url: &str) -> Browser {
+        let profile = tempfile::tempdir().expect("a profile directory");
+        let log = std::fs::File::create(profile.path().join("chromium.log")).expect("a log");
+        let child = Command::new(binary)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--no-default-browser-check",
+                // No connections of its own (updates, sync, QUIC probes): only the test's.
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-quic",
+                "--remote-debugging-port=0",
+                "--remote-allow-origins=*",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting chromium");
+        // Chromium writes the port it chose into the profile once it listens.
+        let port_file = profile.path().join("DevToolsActivePort");
+        let port = within(Duration::from_secs(30), "chromium's DevTools port", async {
+            loop {
+                if let Some(port) = std::fs::read_to_string(&port_file)
+                    .ok()
+                    .and_then(|text| text.lines().next()?.trim().parse::<u16>().ok())
+                {
+                    return port;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let list_url = format!("http://127.0.0.1:{port}/json/list");
+        let page_ws = within(Duration::from_secs(30), "chromium's page target", async {
+            loop {
+                if let Ok(response) = client().get(&list_url).send().await
+                    && let Ok(targets) = response.json::<Json>().await
+                    && let Some(ws) = targets.as_array().into_iter().flatten().find_map(|t| {
+                        (t["type"] == "page" && t["url"] == url)
+                            .then(|| t["webSocketDebuggerUrl"].as_str().map(str::to_string))
+                            .flatten()
+                    })
+                {
+                    return ws;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let (page, _) = tokio_tungstenite::connect_async(&page_ws)
+            .await
+            .expect("connecting to the page over DevTools");
+        Browser {
+            _child: child,
+            _profile: profile,
+            page,
+            next_id: 0,
+        }
+    }
+
+    /// The value of a JavaScript expression on the page.
+    async fn eval(&mut self, expression: &str) -> Json {
+        self.next_id += 1;
+        let id = self.next_id;
+        let call = json!({
+            "id": id,
+            "method": "Runtime.evaluate",
+            "params": {"expression": expression, "returnByValue": true},
+        });
+        self.page
+            .send(WsMessage::text(call.to_string()))
+            .await
+            .expect("sending to DevTools");
+        loop {
+            let frame = within(T, "a DevTools answer", self.page.next())
+                .await
+                .expect("DevTools closed")
+                .expect("reading from DevTools");
+            let WsMessage::Text(text) = frame else {
+                continue;
+            };
+            let answer: Json = serde_json::from_str(&text).expect("DevTools sends JSON");
+            if answer["id"] != id {
+                continue;
+            }
+            let result = &answer["result"];
+            assert!(
+                result.get("exceptionDetails").is_none(),
+                "{expression} threw: {}",
+                result["exceptionDetails"]
+            );
+            return result["result"]["value"].clone();
+        }
+    }
+
+    /// Waits until a JavaScript expression is true on the page.
+    async fn wait_until(&mut self, expression: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.eval(expression).await != Json::Bool(true) {
+            assert!(
+                Instant::now() < deadline,
+                "{expression} still false after {timeout:?}; the page has {}",
+                self.eval("JSON.stringify(window.state)").await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The page: an `EventSource` on Herald's channel, counting opens and keeping events.
+fn page_html(herald: &str) -> String {
+    format!(
+        r#"<!doctype html>
+<title>herald</title>
+<script>
+window.state = {{opens: 0, errors: 0, events: []}};
+const es = new EventSource("{herald}/v1/channels/{CHANNEL}/events");
+es.onopen = () => window.state.opens++;
+es.onerror = () => window.state.errors++;
+es.onmessage = (e) => window.state.events.push([e.lastEventId, JSON.parse(e.data)]);
+</script>"#
+    )
+}
+
+#[tokio::test]
+async fn chromium_event_source_gets_what_it_missed_across_a_kill_with_last_event_id() {
+    let Some(binary) = chromium() else {
+        assert!(
+            std::env::var_os("HERALD_REQUIRE_BROWSER").is_none(),
+            "HERALD_REQUIRE_BROWSER is set but no chromium is on the PATH"
+        );
+        eprintln!("skipped: no chromium on the PATH (apt-get install chromium)");
+        return;
+    };
+    let page_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let page_origin = format!("http://{}", page_listener.local_addr().unwrap());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let config = format!("[server]\ncors_origins = [\"{page_origin}\"]\n");
+    let work = Workdir::new();
+    let mut server =
+        Server::start_with_args(work.clone(), &config, &["--listen", listen.as_str()]).await;
+    serve_page(page_listener, page_html(&server.base));
+    let page_url = format!("{page_origin}/");
+    let mut browser = Browser::open(&binary, &page_url).await;
+    browser
+        .wait_until("window.state?.opens === 1", Duration::from_secs(20))
+        .await;
+
+    let api = Api::new(&server);
+    let sent: Vec<String> = vec![
+        api.send(CHANNEL, &msg(1)).await,
+        api.send(CHANNEL, &msg(2)).await,
+    ];
+    browser
+        .wait_until("window.state.events.length === 2", T)
+        .await;
+    let events = browser.eval("window.state.events").await;
+    assert_eq!(events, json!([[sent[0], msg(1)], [sent[1], msg(2)]]));
+
+    // The server dies; a message is sent and taken by someone else while the browser
+    // waits to reconnect (EventSource waits 3 s by default).
+    server.kill().await;
+    let server =
+        Server::start_with_args(work.clone(), &config, &["--listen", listen.as_str()]).await;
+    let api = Api::new(&server);
+    let third = api.send(CHANNEL, &msg(3)).await;
+    let taken: Vec<String> = api
+        .drain(CHANNEL)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        taken.contains(&third),
+        "the message sent while the browser was away was taken: {taken:?}"
+    );
+    assert_eq!(
+        browser.eval("window.state.opens").await,
+        json!(1),
+        "the browser reconnected before the test took the message"
+    );
+
+    // The reconnect carries Last-Event-ID, so Herald replays what was delivered after it.
+    browser
+        .wait_until("window.state.events.length === 3", Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = browser.eval("window.state.events").await;
+    assert_eq!(
+        events,
+        json!([[sent[0], msg(1)], [sent[1], msg(2)], [third, msg(3)]])
+    );
+    assert_eq!(browser.eval("window.state.opens").await, json!(2));
+}
