@@ -1,7 +1,7 @@
 # Herald: the two commands a newcomer needs are `make run` and `make test`.
 CARGO ?= cargo
 
-.PHONY: run test soak lint bench bench-load bench-compare clean
+.PHONY: run test soak lint bench bench-load bench-publish bench-compare clean
 
 # The peers' benchmark harness (Django Channels + Redis, warp hello), beside the project.
 SHARED ?= ../shared
@@ -34,6 +34,11 @@ bench:
 bench-load:
 	$(CARGO) build --release
 	taskset -c 1 ./target/release/herald bench --server-cpu 0 --json target/bench-load.json
+
+## Durable HTTP publishing (wrk) against warp hello in the same rounds, pinned like
+## bench-load; prints each round and Herald's share of hello's rate.
+bench-publish:
+	SHARED=$(SHARED) bash benches/wrk-publish.sh
 
 ## Side-by-side comparison with the peers (warp hello, Django Channels + Redis) under the
 ## same load and pinning, with ratios ($(SHARED)/bench). The harness publishes JSON
