@@ -87,6 +87,10 @@ pub struct StorageSettings {
     /// How often, in milliseconds, expired messages and lapsed memberships are swept
     /// from memory and disk.
     pub sweep_interval_ms: u64,
+    /// Start on a data directory whose log lost acknowledged writes (`herald serve
+    /// --accept-data-loss`); never read from a file or the environment.
+    #[serde(skip)]
+    pub accept_data_loss: bool,
 }
 
 /// `[layer]`: channel-layer semantics (expiry, capacity, limits).

@@ -8,13 +8,20 @@ use std::time::Duration;
 
 use herald::config::Durability;
 use herald::layer::clock::{Clock, SystemClock};
-use herald::store::Store;
+use herald::store::{OnDataLoss, Store, sync_parent};
 
 fn open(data_dir: &Path) -> Result<Store, String> {
-    Store::open(data_dir, Durability::Sync, Duration::from_millis(500)).map_err(|e| e.to_string())
+    Store::open(
+        data_dir,
+        Durability::Sync,
+        Duration::from_millis(500),
+        OnDataLoss::Refuse,
+    )
+    .map_err(|e| e.to_string())
 }
 
-/// Writes where `out` says (a file, replaced only once complete), or to stdout.
+/// Writes where `out` says (a file, replaced only once complete and durable), or to
+/// stdout.
 fn write_to(
     out: Option<&Path>,
     write: impl FnOnce(&mut dyn Write) -> Result<(), String>,
@@ -33,6 +40,7 @@ fn write_to(
                 .sync_all()
                 .map_err(|e| e.to_string())?;
             std::fs::rename(&partial, path)
+                .and_then(|()| sync_parent(path))
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))
         }
     }

@@ -42,6 +42,10 @@ enum Command {
         /// `server.default_message_type` (by default they are refused).
         #[arg(long, value_name = "TYPE")]
         default_message_type: Option<String>,
+        /// Start even if the data directory's log lost acknowledged writes (damage
+        /// found at open); what was lost is logged and shown in `/v1/stats`.
+        #[arg(long)]
+        accept_data_loss: bool,
     },
     /// Print the effective configuration as TOML.
     Config {
@@ -99,7 +103,9 @@ fn main() -> ExitCode {
             listen,
             data_dir,
             default_message_type,
+            accept_data_loss,
         } => load(config, listen, data_dir).and_then(|mut settings| {
+            settings.storage.accept_data_loss = accept_data_loss;
             if let Some(default_type) = default_message_type {
                 settings.server.default_message_type = default_type;
             }

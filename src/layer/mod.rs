@@ -28,7 +28,7 @@ use crate::config::{ChannelRules, ConfigError, LayerSettings, StorageSettings};
 use crate::message::{Message, MessageError};
 use crate::store::dump::DumpStats;
 use crate::store::record::{MessageBatch, Record, Target};
-use crate::store::{Store, StoreError, keys};
+use crate::store::{OnDataLoss, Store, StoreError, keys};
 use clock::Clock;
 use state::{Channel, Entry, Members, Membership, State, Waiter};
 
@@ -113,7 +113,7 @@ pub struct GroupInfo {
 }
 
 /// Totals for a console or metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
     /// Channels that hold messages or have receivers waiting.
     pub channels: usize,
@@ -125,6 +125,10 @@ pub struct Stats {
     pub memberships: usize,
     /// Size of the database on disk, in bytes.
     pub disk_bytes: u64,
+    /// What the data directory had lost when the server was started on it with
+    /// `--accept-data-loss`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_loss: Option<String>,
 }
 
 /// What a sweep removed.
@@ -166,6 +170,11 @@ impl ChannelLayer {
             &storage.data_dir,
             storage.durability,
             Duration::from_millis(storage.flush_interval_ms),
+            if storage.accept_data_loss {
+                OnDataLoss::Accept
+            } else {
+                OnDataLoss::Refuse
+            },
         )?;
         let inner = Inner {
             store,
@@ -594,6 +603,7 @@ impl ChannelLayer {
             groups: groups.len(),
             memberships: groups.iter().map(|g| g.members.len()).sum(),
             disk_bytes: self.inner.store.size_on_disk(),
+            data_loss: self.inner.store.data_loss().map(str::to_string),
         }
     }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use super::StoreError;
+use super::disk::Disk;
 use super::keys;
 
 /// Room a probe file must find before a failed database is reopened: two of sled's
@@ -43,9 +44,15 @@ enum Repair {
     OpenFailed,
 }
 
+/// An open database and its log, for syncing.
+struct Open {
+    db: sled::Db,
+    disk: Disk,
+}
+
 /// The open database, or none while it is being reopened.
 struct Current {
-    db: Option<sled::Db>,
+    open: Option<Open>,
     /// Counts reopens: a failure seen on an older `Db` is repaired already.
     generation: u64,
 }
@@ -91,24 +98,26 @@ pub(super) struct Handle {
 }
 
 impl Handle {
-    pub fn new(path: &Path, config: sled::Config, db: sled::Db) -> Arc<Handle> {
-        Arc::new(Handle {
+    /// Takes the database just opened in `path`; syncs what sled created opening it.
+    pub fn new(path: &Path, config: sled::Config, db: sled::Db) -> Result<Arc<Handle>, StoreError> {
+        let disk = Disk::open(path).map_err(|e| StoreError::from(sled::Error::from(e)))?;
+        Ok(Arc::new(Handle {
             path: path.to_path_buf(),
             config,
             current: RwLock::new(Current {
-                db: Some(db),
+                open: Some(Open { db, disk }),
                 generation: 0,
             }),
             health: Mutex::new(Health::default()),
             wake: Condvar::new(),
-        })
+        }))
     }
 
     /// Runs a read.
     pub fn read<T>(&self, op: impl FnOnce(&sled::Db) -> sled::Result<T>) -> Result<T, StoreError> {
         let current = self.current.read();
-        match &current.db {
-            Some(db) => op(db).map_err(|e| super::read_error(&self.path, e)),
+        match &current.open {
+            Some(open) => op(&open.db).map_err(|e| super::read_error(&self.path, e)),
             None => Err(self.closed_error()),
         }
     }
@@ -119,14 +128,19 @@ impl Handle {
     /// failing, writes are refused at once with its error: sled may block a writer
     /// that waits for log space its failed writes will never free.
     pub fn write<T>(&self, op: impl FnOnce(&sled::Db) -> sled::Result<T>) -> Result<T, StoreError> {
+        self.write_open(|open| op(&open.db))
+    }
+
+    /// [`Handle::write`] with the log at hand, for flushes.
+    fn write_open<T>(&self, op: impl FnOnce(&Open) -> sled::Result<T>) -> Result<T, StoreError> {
         if let Some(failure) = self.failing() {
             return Err(failure.to_error());
         }
         let current = self.current.read();
-        let Some(db) = &current.db else {
+        let Some(open) = &current.open else {
             return Err(self.closed_error());
         };
-        match op(db) {
+        match op(open) {
             Ok(value) => Ok(value),
             Err(e) => {
                 let io = matches!(e, sled::Error::Io(_));
@@ -153,8 +167,15 @@ impl Handle {
         self.read(|db| db.get(key))
     }
 
+    /// Flushes durably against power loss: new blob files first, then sled's flush,
+    /// then its log's bytes and size (see [`super::disk`]).
     pub fn flush(&self) -> Result<usize, StoreError> {
-        self.write(|db| db.flush())
+        self.write_open(|open| {
+            open.disk.sync_blobs()?;
+            let flushed = open.db.flush()?;
+            open.disk.sync_log()?;
+            Ok(flushed)
+        })
     }
 
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
@@ -253,8 +274,9 @@ impl Handle {
                 return Repair::Done;
             }
             // A database that flushes again was not stuck (nothing to reopen).
-            if let Some(db) = &current.db
-                && db.flush().is_ok()
+            if let Some(open) = &current.open
+                && open.db.flush().is_ok()
+                && open.disk.sync_log().is_ok()
             {
                 tracing::info!("storage writes work again");
                 return Repair::Done;
@@ -266,10 +288,10 @@ impl Handle {
         }
         let old = {
             let mut current = self.current.write();
-            if current.db.is_some() {
+            if current.open.is_some() {
                 on_reopen(failure);
             }
-            current.db.take()
+            current.open.take()
         };
         if let Some(old) = old {
             tracing::warn!(
@@ -279,9 +301,9 @@ impl Handle {
             drop(old);
         }
         match self.open() {
-            Ok(db) => {
+            Ok(open) => {
                 let mut current = self.current.write();
-                current.db = Some(db);
+                current.open = Some(open);
                 current.generation += 1;
                 tracing::info!(data_dir = %self.path.display(), "database reopened; writes work again");
                 Repair::Done
@@ -305,7 +327,7 @@ impl Handle {
     }
 
     /// Opens the database again; it must still hold its format version.
-    fn open(&self) -> Result<sled::Db, StoreError> {
+    fn open(&self) -> Result<Open, StoreError> {
         // An iterator may still hold the old `Db` (and its file lock) for a moment.
         let mut attempts = 0;
         let db = loop {
@@ -324,6 +346,7 @@ impl Handle {
                 detail: "the reopened database has lost its format version".into(),
             });
         }
-        Ok(db)
+        let disk = Disk::open(&self.path).map_err(|e| StoreError::from(sled::Error::from(e)))?;
+        Ok(Open { db, disk })
     }
 }

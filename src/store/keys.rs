@@ -12,12 +12,17 @@
 //! | `G` group NUL channel | a membership: joined id, last add time |
 //! | `C` channel | receive cursor: every message of the channel with a lower or equal id was taken |
 //! | `R` id channel | the message `id` of a group belongs to `channel`, whatever the membership says |
+//! | `W` | the latest flush's mark: flushes so far, highest message id, u64 each ([`super::watermark`]) |
+//!
+//! `W` came after format 2 without a new version: readers scan by prefix and pass over
+//! it, and a directory without it is simply not checked against the watermark file.
 
 /// The format version this build writes.
 pub const FORMAT_VERSION: u32 = 2;
 
 pub const VERSION: &[u8] = b"V";
 pub const ID_FLOOR: &[u8] = b"S";
+pub const WATERMARK: &[u8] = b"W";
 pub const MESSAGE: u8 = b'M';
 pub const MEMBERSHIP: u8 = b'G';
 pub const CURSOR: u8 = b'C';

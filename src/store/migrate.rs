@@ -132,7 +132,7 @@ fn upgrade_with(
 mod tests {
     use super::*;
     use crate::config::Durability;
-    use crate::store::Store;
+    use crate::store::{OnDataLoss, Store};
     use std::time::Duration;
 
     #[test]
@@ -146,9 +146,14 @@ mod tests {
                 db.insert(VERSION, &version.to_be_bytes()).unwrap();
                 db.flush().unwrap();
             }
-            let err = Store::open(dir.path(), Durability::Sync, Duration::from_secs(1))
-                .err()
-                .expect("must refuse");
+            let err = Store::open(
+                dir.path(),
+                Durability::Sync,
+                Duration::from_secs(1),
+                OnDataLoss::Refuse,
+            )
+            .err()
+            .expect("must refuse");
             let text = err.to_string();
             assert!(text.contains(expected), "{text}");
             assert!(text.contains(&dir.path().display().to_string()), "{text}");
@@ -221,7 +226,13 @@ mod tests {
             }
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path(), Durability::Sync, Duration::from_secs(1)).unwrap();
+        let store = Store::open(
+            dir.path(),
+            Durability::Sync,
+            Duration::from_secs(1),
+            OnDataLoss::Refuse,
+        )
+        .unwrap();
         let stored: Vec<_> = store
             .scan(&[keys::MESSAGE])
             .map(|item| {
@@ -243,7 +254,15 @@ mod tests {
     #[test]
     fn a_new_directory_is_stamped() {
         let dir = tempfile::tempdir().unwrap();
-        drop(Store::open(dir.path(), Durability::Sync, Duration::from_secs(1)).unwrap());
+        drop(
+            Store::open(
+                dir.path(),
+                Durability::Sync,
+                Duration::from_secs(1),
+                OnDataLoss::Refuse,
+            )
+            .unwrap(),
+        );
         let db = sled::open(dir.path()).unwrap();
         assert_eq!(
             db.get(VERSION).unwrap().unwrap().as_ref(),

@@ -14,11 +14,13 @@
 //!
 //! The store knows nothing of HTTP.
 
+mod disk;
 pub mod dump;
 mod handle;
 pub mod keys;
 mod migrate;
 pub mod record;
+mod watermark;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,9 @@ use tokio::sync::watch;
 use crate::config::Durability;
 use handle::{Failure, Handle};
 use record::{MAX_BATCH_BYTES, MessageBatch, Record};
+use watermark::{Mark, WatermarkFile};
+
+pub use disk::sync_parent;
 
 pub use migrate::MIGRATIONS;
 
@@ -65,6 +70,10 @@ pub enum StoreError {
         "data directory {path} is damaged ({detail}); restore it from a backup or move it away"
     )]
     Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "data directory {path} has lost acknowledged writes: {detail}; restore it from a backup, or start with --accept-data-loss to serve what is left"
+    )]
+    DataLoss { path: PathBuf, detail: String },
     #[error("the disk is full")]
     Full,
     #[error("storage failure: {0}")]
@@ -136,6 +145,30 @@ struct Flusher {
     wake: Condvar,
     stop: AtomicBool,
     flushed: watch::Sender<Flushed>,
+    /// In `interval` mode, how often the thread flushes without being asked.
+    period: Option<Duration>,
+    /// Marks written into sled so far (see [`watermark`]); counted under `drain`.
+    flushes: AtomicU64,
+    /// The highest message id appended so far.
+    last_id: AtomicU64,
+    /// The newest mark known to be on disk, and the watermark file it is copied into.
+    durable: Mutex<Durable>,
+}
+
+/// See [`Flusher::durable`].
+struct Durable {
+    mark: Mark,
+    file: WatermarkFile,
+    file_written_at: Instant,
+}
+
+/// What to do when the log lost acknowledged writes (see [`watermark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDataLoss {
+    /// Refuse to open, with [`StoreError::DataLoss`].
+    Refuse,
+    /// Open what is left, and report the loss ([`Store::data_loss`]).
+    Accept,
 }
 
 /// The sled database with its flusher.
@@ -149,15 +182,19 @@ pub struct Store {
     /// Added to sled's id generator: set once by an import so that new ids follow the
     /// imported ones.
     id_floor: u64,
+    /// What was lost, when opened with [`OnDataLoss::Accept`] on a damaged log.
+    data_loss: Option<String>,
 }
 
 impl Store {
-    /// Opens (creating) the data directory, checks or upgrades its format, starts the
-    /// flusher. Fails at once if another process holds the directory.
+    /// Opens (creating) the data directory, checks or upgrades its format, checks that
+    /// its log holds every acknowledged write, starts the flusher. Fails at once if
+    /// another process holds the directory.
     pub fn open(
         path: &Path,
         durability: Durability,
         flush_interval: Duration,
+        on_data_loss: OnDataLoss,
     ) -> Result<Store, StoreError> {
         let unusable = |cause: String| StoreError::Unusable {
             path: path.to_path_buf(),
@@ -168,12 +205,9 @@ impl Store {
         std::fs::write(&probe, b"ok")
             .and_then(|_| std::fs::remove_file(&probe))
             .map_err(|e| unusable(format!("not writable: {e}")))?;
-        // `interval` mode is sled's own timer; in `sync` mode the flusher thread flushes.
-        let flush_every = match durability {
-            Durability::Sync => None,
-            Durability::Interval => Some(flush_interval.as_millis().max(1) as u64),
-        };
-        let config = sled::Config::new().path(path).flush_every_ms(flush_every);
+        // The flusher thread flushes in both modes (sled's own timer would not sync
+        // blobs nor fdatasync): on request in `sync`, every `flush_interval` otherwise.
+        let config = sled::Config::new().path(path).flush_every_ms(None);
         let had_data = holds_sled_data(path);
         let db = open_sled(&config, path)?;
         if had_data && db.is_empty() {
@@ -185,6 +219,22 @@ impl Store {
             });
         }
         migrate::check_and_upgrade(&db, path)?;
+        let id_floor = db
+            .get(keys::ID_FLOOR)?
+            .and_then(|v| keys::decode_u64(&v))
+            .unwrap_or(0);
+        let stored = db
+            .get(keys::WATERMARK)?
+            .and_then(|v| Mark::decode(&v))
+            .unwrap_or_default();
+        // The log is synced here, before the watermark file may vouch for what it holds.
+        let db = Handle::new(path, config, db)?;
+        let (start, data_loss) = check_watermark(path, stored, on_data_loss)?;
+        if start != stored {
+            db.write(|db| db.insert(keys::WATERMARK, &start.encode()).map(drop))?;
+            db.flush()?;
+        }
+        let file = WatermarkFile::create(path, start).map_err(|e| unusable(e.to_string()))?;
 
         let (flushed, _) = watch::channel(Flushed::default());
         let flusher = Arc::new(Flusher {
@@ -195,27 +245,27 @@ impl Store {
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             flushed,
+            period: (durability == Durability::Interval)
+                .then(|| flush_interval.max(Duration::from_millis(1))),
+            flushes: AtomicU64::new(start.flushes),
+            last_id: AtomicU64::new(start.last_id),
+            durable: Mutex::new(Durable {
+                mark: start,
+                file,
+                file_written_at: Instant::now(),
+            }),
         });
-        let id_floor = db
-            .get(keys::ID_FLOOR)?
-            .and_then(|v| keys::decode_u64(&v))
-            .unwrap_or(0);
-        let db = Handle::new(path, config, db);
         let spawn_failed = |e: io::Error| StoreError::Io(format!("starting a thread: {e}"));
-        let thread = match durability {
-            Durability::Sync => {
-                let db = db.clone();
-                let flusher = flusher.clone();
-                let thread = std::thread::Builder::new()
-                    .name("herald-flusher".into())
-                    .spawn(move || {
-                        yield_to_requests();
-                        flusher.run(&db)
-                    })
-                    .map_err(spawn_failed)?;
-                Some(thread)
-            }
-            Durability::Interval => None,
+        let thread = {
+            let db = db.clone();
+            let flusher = flusher.clone();
+            std::thread::Builder::new()
+                .name("herald-flusher".into())
+                .spawn(move || {
+                    yield_to_requests();
+                    flusher.run(&db)
+                })
+                .map_err(spawn_failed)?
         };
         let lose = flusher.clone();
         let healer = db
@@ -226,10 +276,16 @@ impl Store {
             path: path.to_path_buf(),
             durability,
             flusher,
-            thread: Mutex::new(thread),
+            thread: Mutex::new(Some(thread)),
             healer: Mutex::new(Some(healer)),
             id_floor,
+            data_loss,
         })
+    }
+
+    /// What the log had lost when this store was opened anyway ([`OnDataLoss::Accept`]).
+    pub fn data_loss(&self) -> Option<&str> {
+        self.data_loss.as_deref()
     }
 
     /// The data directory.
@@ -251,6 +307,7 @@ impl Store {
     /// it with the others of its flush; in `interval` mode (no flusher) it is written at
     /// once as a batch of one. Refused at once while writes are failing (a full disk).
     pub fn append(&self, id: u64, record: &Record) -> Result<Ticket, StoreError> {
+        self.flusher.last_id.fetch_max(id, Ordering::SeqCst);
         if self.durability == Durability::Interval {
             let batch = MessageBatch::new(id, record);
             return self.db.write(|db| {
@@ -281,9 +338,12 @@ impl Store {
     pub fn clear(&self) -> Result<Ticket, StoreError> {
         let _drain = self.flusher.drain.lock();
         self.flusher.batches.lock().clear();
+        let mark = self.flusher.mark();
         self.db.write(|db| {
             db.clear()?;
             migrate::stamp(db)?;
+            // Kept: the watermark file may vouch for it already.
+            db.insert(keys::WATERMARK, &mark.encode())?;
             Ok(self.written())
         })
     }
@@ -333,13 +393,17 @@ impl Store {
     /// Writes the appended message records to sled without flushing, so that a scan
     /// sees every message sent so far.
     pub fn write_pending(&self) -> Result<(), StoreError> {
-        self.flusher.write_pending(&self.db).1
+        self.flusher.write_pending(&self.db).2
     }
 
-    /// Writes and flushes everything now, blocking.
+    /// Writes and flushes everything now, blocking, and records it in the watermark
+    /// file at once.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.write_pending()?;
+        let (_, mark, written) = self.flusher.write_pending(&self.db);
+        written?;
         self.db.flush()?;
+        self.flusher.made_durable(mark);
+        self.flusher.update_file(true);
         Ok(())
     }
 
@@ -441,9 +505,18 @@ impl Flusher {
         }
     }
 
-    /// Writes the appended batches to sled. Returns the ticket every write up to which
-    /// is now in sled (if the result is `Ok`).
-    fn write_pending(&self, db: &Handle) -> (u64, Result<(), StoreError>) {
+    /// The mark the next flush would vouch for so far.
+    fn mark(&self) -> Mark {
+        Mark {
+            flushes: self.flushes.load(Ordering::SeqCst),
+            last_id: self.last_id.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Writes the appended batches to sled, and a new mark after them. Returns the
+    /// ticket every write up to which is now in sled (if the result is `Ok`), and the
+    /// mark that a flush after this makes durable.
+    fn write_pending(&self, db: &Handle) -> (u64, Mark, Result<(), StoreError>) {
         let _drain = self.drain.lock();
         let (target, batches) = {
             let mut batches = self.batches.lock();
@@ -452,45 +525,158 @@ impl Flusher {
                 std::mem::take(&mut *batches),
             )
         };
-        let result = batches.into_iter().try_for_each(|batch| {
-            let key = keys::message(batch.first_id());
-            db.write(|db| db.insert(key, batch.into_bytes()).map(drop))
-        });
-        (target, result)
+        let mark = Mark {
+            flushes: self.flushes.fetch_add(1, Ordering::SeqCst) + 1,
+            last_id: self.last_id.load(Ordering::SeqCst),
+        };
+        let result = batches
+            .into_iter()
+            .try_for_each(|batch| {
+                let key = keys::message(batch.first_id());
+                db.write(|db| db.insert(key, batch.into_bytes()).map(drop))
+            })
+            .and_then(|()| db.write(|db| db.insert(keys::WATERMARK, &mark.encode()).map(drop)));
+        (target, mark, result)
     }
 
-    /// The flusher thread (`sync` mode): one flush at a time, each covering every write
-    /// before it.
+    /// Records that `mark` is on disk.
+    fn made_durable(&self, mark: Mark) {
+        let mut durable = self.durable.lock();
+        durable.mark = durable.mark.max(mark);
+    }
+
+    /// Copies the newest durable mark into the watermark file if it lags and that is
+    /// `due` or the file's last write is [`watermark::FILE_PERIOD`] old.
+    fn update_file(&self, due: bool) {
+        let mut durable = self.durable.lock();
+        if durable.mark > durable.file.written()
+            && (due || durable.file_written_at.elapsed() >= watermark::FILE_PERIOD)
+        {
+            let mark = durable.mark;
+            if let Err(error) = durable.file.write(mark) {
+                tracing::error!(%error, "writing the watermark file failed");
+            }
+            durable.file_written_at = Instant::now();
+        }
+    }
+
+    /// When the watermark file must be written next, if it lags behind the disk.
+    fn file_due(&self) -> Option<Instant> {
+        let durable = self.durable.lock();
+        (durable.mark > durable.file.written())
+            .then(|| durable.file_written_at + watermark::FILE_PERIOD)
+    }
+
+    /// The flusher thread: one flush at a time, each covering every write before it; in
+    /// `sync` mode when a writer asks, in `interval` mode every period. Between flushes
+    /// it brings the watermark file up to date.
     fn run(&self, db: &Handle) {
+        let mut tick = self.period.map(|period| Instant::now() + period);
         loop {
-            let busy = {
+            let (requested, busy) = {
                 let mut pending = self.pending.lock();
                 let busy = *pending;
-                while !*pending {
-                    self.wake.wait(&mut pending);
+                while !*pending && !self.stop.load(Ordering::SeqCst) {
+                    let deadline = tick.into_iter().chain(self.file_due()).min();
+                    match deadline {
+                        Some(deadline) => {
+                            if self.wake.wait_until(&mut pending, deadline).timed_out() {
+                                break;
+                            }
+                        }
+                        None => self.wake.wait(&mut pending),
+                    }
                 }
-                *pending = false;
-                busy
+                let requested = std::mem::take(&mut *pending);
+                (requested, busy)
             };
-            if busy && !self.stop.load(Ordering::SeqCst) {
-                self.gather();
+            let stopping = self.stop.load(Ordering::SeqCst);
+            let ticked = tick.is_some_and(|t| Instant::now() >= t);
+            if requested || ticked || stopping {
+                if let (Some(period), true) = (self.period, ticked) {
+                    tick = Some(Instant::now() + period);
+                }
+                if busy && !stopping {
+                    self.gather();
+                }
+                self.flush(db);
             }
-            let (target, written) = self.write_pending(db);
-            let result = written.and_then(|()| db.flush());
-            self.flushed.send_modify(|f| match result {
-                Ok(_) => {
-                    f.upto = f.upto.max(target);
-                    f.error = None;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "flush failed");
-                    f.failed_upto = f.failed_upto.max(target);
-                    f.error = Some(Failure::of(&e));
-                }
-            });
-            if self.stop.load(Ordering::SeqCst) {
+            self.update_file(false);
+            if stopping {
                 return;
             }
+        }
+    }
+
+    /// One flush of everything written so far, and its outcome for the waiting writers.
+    fn flush(&self, db: &Handle) {
+        let (target, mark, written) = self.write_pending(db);
+        let result = written.and_then(|()| db.flush());
+        self.flushed.send_modify(|f| match &result {
+            Ok(_) => {
+                f.upto = f.upto.max(target);
+                f.error = None;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "flush failed");
+                f.failed_upto = f.failed_upto.max(target);
+                f.error = Some(Failure::of(e));
+            }
+        });
+        if result.is_ok() {
+            self.made_durable(mark);
+        }
+    }
+}
+
+/// Compares the mark in sled's log with the watermark file's: an older one in the log
+/// means that sled lost acknowledged writes. Returns the mark to go on from, and what
+/// was lost when that is accepted.
+fn check_watermark(
+    path: &Path,
+    stored: Mark,
+    on_data_loss: OnDataLoss,
+) -> Result<(Mark, Option<String>), StoreError> {
+    let file = WatermarkFile::read(path).map_err(|e| StoreError::Unusable {
+        path: path.to_path_buf(),
+        cause: format!("reading {}: {e}", watermark::FILE_NAME),
+    })?;
+    let Some(file) = file.filter(|file| file.flushes > stored.flushes) else {
+        return Ok((stored.max(file.unwrap_or_default()), None));
+    };
+    let batches = format!(
+        "its log ends with write batch {}, but batches up to {} were acknowledged",
+        stored.flushes, file.flushes
+    );
+    let detail = if file.last_id > stored.last_id {
+        format!(
+            "{batches}: message ids {} to {} and the memberships, receive cursors and deletions written with them are missing",
+            stored.last_id + 1,
+            file.last_id
+        )
+    } else {
+        format!(
+            "{batches}: memberships, receive cursors or deletions written in batches {} to {} are missing",
+            stored.flushes + 1,
+            file.flushes
+        )
+    };
+    match on_data_loss {
+        OnDataLoss::Refuse => Err(StoreError::DataLoss {
+            path: path.to_path_buf(),
+            detail,
+        }),
+        OnDataLoss::Accept => {
+            tracing::error!(
+                data_dir = %path.display(),
+                lost = %detail,
+                "the data directory lost acknowledged writes; serving what is left (--accept-data-loss)"
+            );
+            let start = Mark {
+                flushes: file.flushes,
+                last_id: file.last_id.max(stored.last_id),
+            };
+            Ok((start, Some(detail)))
         }
     }
 }
@@ -595,14 +781,25 @@ mod tests {
     async fn commit_waits_for_flush_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store =
-                Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
+            let store = Store::open(
+                dir.path(),
+                Durability::Sync,
+                Duration::from_millis(500),
+                OnDataLoss::Refuse,
+            )
+            .unwrap();
             let mut batch = sled::Batch::default();
             batch.insert(keys::cursor("a"), &keys::encode_u64(5));
             let ticket = store.apply(batch).unwrap();
             store.commit(ticket).await.unwrap();
         }
-        let store = Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
+        let store = Store::open(
+            dir.path(),
+            Durability::Sync,
+            Duration::from_millis(500),
+            OnDataLoss::Refuse,
+        )
+        .unwrap();
         let value = store.get(&keys::cursor("a")).unwrap().unwrap();
         assert_eq!(keys::decode_u64(&value), Some(5));
     }
@@ -625,10 +822,21 @@ mod tests {
     #[test]
     fn second_open_is_refused_with_the_path() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
-        let err = Store::open(dir.path(), Durability::Sync, Duration::from_millis(500))
-            .err()
-            .expect("second open must fail");
+        let _first = Store::open(
+            dir.path(),
+            Durability::Sync,
+            Duration::from_millis(500),
+            OnDataLoss::Refuse,
+        )
+        .unwrap();
+        let err = Store::open(
+            dir.path(),
+            Durability::Sync,
+            Duration::from_millis(500),
+            OnDataLoss::Refuse,
+        )
+        .err()
+        .expect("second open must fail");
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
         assert!(err.to_string().contains(&dir.path().display().to_string()));
     }
@@ -652,11 +860,22 @@ mod tests {
     fn ids_grow_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let first = {
-            let store =
-                Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
+            let store = Store::open(
+                dir.path(),
+                Durability::Sync,
+                Duration::from_millis(500),
+                OnDataLoss::Refuse,
+            )
+            .unwrap();
             (0..10).map(|_| store.next_id().unwrap()).max().unwrap()
         };
-        let store = Store::open(dir.path(), Durability::Sync, Duration::from_millis(500)).unwrap();
+        let store = Store::open(
+            dir.path(),
+            Durability::Sync,
+            Duration::from_millis(500),
+            OnDataLoss::Refuse,
+        )
+        .unwrap();
         assert!(store.next_id().unwrap() > first);
     }
 }
