@@ -3,8 +3,12 @@
 //! receive) while the server is killed with SIGKILL at random, seeded moments and
 //! restarted. At the end every channel is drained and the record is checked.
 //!
+//! The `..._across_power_cuts` tests run the server on LazyFS and drop every byte it
+//! never fsynced after each kill: a power loss (see `common::lazyfs`).
+//!
 //! `HERALD_CRASH_SEED` replays a run; `HERALD_CRASH_CYCLES` sets the number of kills
-//! (20 by default; `make soak` runs many more).
+//! (20 by default; `make soak` runs many more), `HERALD_POWERLOSS_CYCLES` that of power
+//! cuts (20 by default).
 
 mod common;
 
@@ -12,6 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::lazyfs::LazyFs;
 use common::{Server, Sse, Workdir, Ws, WsIn, client};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
@@ -59,8 +64,8 @@ fn split_key(key: &str) -> (&str, u64) {
     (publisher, seq.parse().unwrap())
 }
 
-fn cycles() -> usize {
-    std::env::var("HERALD_CRASH_CYCLES")
+fn cycles(var: &str) -> usize {
+    std::env::var(var)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20)
@@ -316,15 +321,27 @@ struct Mode {
     config: &'static str,
     /// Acknowledged messages may be lost only when acknowledged this close to a kill.
     loss_window: Option<Duration>,
+    /// The test's name, when every kill is a power cut on LazyFS.
+    power_cut: Option<&'static str>,
 }
 
 async fn run(mode: Mode) {
     let seed = common::seed_from_env("HERALD_CRASH_SEED");
-    let cycles = cycles();
-    println!("crash test: HERALD_CRASH_SEED={seed} HERALD_CRASH_CYCLES={cycles}");
+    let (cycles_var, fs) = match mode.power_cut {
+        Some(test) => match LazyFs::mount(test) {
+            Some(fs) => ("HERALD_POWERLOSS_CYCLES", Some(fs)),
+            None => return,
+        },
+        None => ("HERALD_CRASH_CYCLES", None),
+    };
+    let cycles = cycles(cycles_var);
+    println!("crash test: HERALD_CRASH_SEED={seed} {cycles_var}={cycles}");
     let mut rng = StdRng::seed_from_u64(seed);
     let rec: Shared = Arc::default();
-    let work = Workdir::new();
+    let work = match &fs {
+        Some(fs) => Workdir::with_data_dir(fs.data_dir()),
+        None => Workdir::new(),
+    };
     let seqs: HashMap<&str, Arc<Mutex<u64>>> = ["c0", "c1", "ws", "group"]
         .into_iter()
         .map(|k| (k, Arc::default()))
@@ -402,6 +419,9 @@ async fn run(mode: Mode) {
         tokio::time::sleep(Duration::from_millis(rng.random_range(150..700))).await;
         server.kill().await;
         rec.lock().kills.push(Instant::now());
+        if let Some(fs) = &fs {
+            fs.power_cut();
+        }
         stop.cancel();
         for task in tasks {
             tokio::time::timeout(Duration::from_secs(10), task)
@@ -533,6 +553,8 @@ async fn run(mode: Mode) {
     assert!(rec.delivered.values().map(Vec::len).sum::<usize>() >= total_acked - lost.len());
 }
 
+const INTERVAL_CONFIG: &str = "[layer]\ncapacity = 1000000\nexpiry_secs = 3600\n[storage]\nsweep_interval_ms = 200\ndurability = \"interval\"\nflush_interval_ms = 100\n";
+
 const BASE_CONFIG: &str =
     "[layer]\ncapacity = 1000000\nexpiry_secs = 3600\n[storage]\nsweep_interval_ms = 200\n";
 
@@ -541,19 +563,40 @@ async fn sync_durability_loses_nothing_acknowledged_across_kills() {
     run(Mode {
         config: BASE_CONFIG,
         loss_window: None,
+        power_cut: None,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_durability_loses_nothing_acknowledged_across_power_cuts() {
+    run(Mode {
+        config: BASE_CONFIG,
+        loss_window: None,
+        power_cut: Some("sync_durability_loses_nothing_acknowledged_across_power_cuts"),
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interval_durability_loses_at_most_the_last_interval() {
-    const CONFIG: &str = "[layer]\ncapacity = 1000000\nexpiry_secs = 3600\n[storage]\nsweep_interval_ms = 200\ndurability = \"interval\"\nflush_interval_ms = 100\n";
     run(Mode {
-        config: CONFIG,
+        config: INTERVAL_CONFIG,
         // The flush period, plus the time a flush itself takes (a write acknowledged
         // during a slow fsync waits for the next flush) and the kill's delivery. A CI
         // run once lost a write acknowledged 534 ms before the kill: allow 2 s.
         loss_window: Some(Duration::from_millis(2000)),
+        power_cut: None,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_durability_loses_at_most_the_last_interval_across_power_cuts() {
+    run(Mode {
+        config: INTERVAL_CONFIG,
+        loss_window: Some(Duration::from_millis(2000)),
+        power_cut: Some("interval_durability_loses_at_most_the_last_interval_across_power_cuts"),
     })
     .await;
 }

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod lazyfs;
+
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -53,22 +55,36 @@ pub async fn within<F: std::future::Future>(t: Duration, what: &str, fut: F) -> 
 pub struct Workdir {
     pub dir: TempDir,
     starts: AtomicUsize,
+    /// The data directory, when not `dir/data` (one on a LazyFS mount).
+    data_dir: Option<PathBuf>,
 }
 
 impl Workdir {
     pub fn new() -> Arc<Workdir> {
+        Workdir::make(None)
+    }
+
+    /// A work directory whose servers keep their data in `data_dir`.
+    pub fn with_data_dir(data_dir: PathBuf) -> Arc<Workdir> {
+        Workdir::make(Some(data_dir))
+    }
+
+    fn make(data_dir: Option<PathBuf>) -> Arc<Workdir> {
         Arc::new(Workdir {
             dir: tempfile::Builder::new()
                 .prefix("herald-test-")
                 .tempdir()
                 .expect("creating a temp dir"),
             starts: AtomicUsize::new(0),
+            data_dir,
         })
     }
 
     /// The data directory given to `--data-dir`.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 }
 
