@@ -624,14 +624,19 @@ fn snapshots(dir: &Path) -> Vec<PathBuf> {
 /// Damages that leave every record readable: the server must serve them all.
 const HARMLESS: &[&str] = &["conf deleted", "snapshot files deleted"];
 
+/// Damages that sled 0.34.7 opens as a store with fewer records and no error, which the
+/// watermark check cannot see either (the log is whole): on a directory without a
+/// snapshot, sled drops the entries whose blob file is gone.
+const SILENT: &[&str] = &["blob files deleted"];
+
 /// Damages on which sled 0.34.7 panics while opening a directory without a snapshot
 /// file: the start must fail cleanly.
 const PANICKING: &[&str] = &["first segment of db appended to it again"];
 
 /// Copies of a data directory with known, acknowledged content are damaged in many ways
 /// and a server is started on each. It either refuses to start (non-zero exit, stderr
-/// names the data directory and what to do, no panic trace) or serves only messages
-/// that were sent, stays up, and is not silently empty. Run on a directory written
+/// names the data directory and what to do, no panic trace) or serves every pending
+/// message and only messages that were sent, and stays up (see [`SILENT`]). Run on a directory written
 /// once (sled has no snapshot file yet) and on one opened twice (with a snapshot).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_data_dirs_fail_safe() {
@@ -689,7 +694,7 @@ async fn check_damages(source: &Source, flavour: &str) {
                     "{what}: the last line must name the data dir: {stderr}"
                 );
                 assert!(
-                    last.contains("restore it from a backup or move it away"),
+                    last.contains("restore it from a backup"),
                     "{what}: the last line must say what to do: {stderr}"
                 );
                 assert!(
@@ -723,6 +728,10 @@ async fn check_damages(source: &Source, flavour: &str) {
                     }
                 }
                 let count: usize = served.values().map(Vec::len).sum();
+                assert!(
+                    count >= total || (flavour == "fresh" && SILENT.contains(&damage.name)),
+                    "{what}: a partial start, {count} of {total} pending messages served"
+                );
                 report.push(format!(
                     "{what}: serves {count} of {total} pending messages"
                 ));
@@ -784,6 +793,69 @@ async fn check_serving(api: &Api, source: &Source, what: &str) -> BTreeMap<Strin
     let (_, m) = api.receive("dmg.new").await.expect("the new message");
     assert_eq!(key_of(&m), "new-0", "{what}");
     served
+}
+
+/// A log damaged in the middle (which sled reads as its end) is refused with what is missing; `--accept-data-loss` starts on
+/// what is left, says so in the log and in `/v1/stats`, and later starts need no flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_data_loss_starts_on_a_damaged_log_and_says_so() {
+    let work = Workdir::new();
+    let mut server = Server::start_in(work.clone(), CONFIG).await;
+    let api = Api::new(&server);
+    for n in 0..1500 {
+        api.send("loss.a", &message(&format!("a-{n}"), 2000)).await;
+    }
+    // Killed, not stopped: a clean stop writes a snapshot, which sled 0.34.7 cannot
+    // reconcile with a shorter log at all. The watermark file follows the last flush
+    // within 100 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill().await;
+    garbage(&work.data_dir().join("db"), |n| n / 2, 64 * 1024).unwrap();
+
+    let log = work.dir.path().join("refused.log");
+    let Outcome::Refused(status, stderr) = start_on(&work.data_dir(), &log).await else {
+        panic!("a log damaged in the middle must be refused");
+    };
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    for needle in [
+        work.data_dir().display().to_string().as_str(),
+        "lost acknowledged writes",
+        "messages with ids",
+        "--accept-data-loss",
+        "restore it from a backup",
+    ] {
+        assert!(last.contains(needle), "{needle:?} missing from: {last}");
+    }
+
+    let mut server = Server::start_with_args(work.clone(), CONFIG, &["--accept-data-loss"]).await;
+    assert!(
+        server.log().contains("lost acknowledged writes"),
+        "{}",
+        server.log()
+    );
+    let response = client().get(server.url("/v1/stats")).send().await.unwrap();
+    let (status, stats) = json_of(response).await;
+    assert_eq!(status, 200);
+    let loss = stats["stats"]["data_loss"]
+        .as_str()
+        .expect("stats say what was lost");
+    assert!(loss.contains("messages with ids"), "{loss}");
+    let api = Api::new(&server);
+    let left = api.drain("loss.a").await.len();
+    assert!(
+        left < 1500,
+        "half the log is gone, yet {left} of 1500 are served"
+    );
+    api.send("loss.b", &message("b-0", 10)).await;
+    server.shutdown(T).await;
+
+    let server = server.restart().await;
+    let response = client().get(server.url("/v1/stats")).send().await.unwrap();
+    let (_, stats) = json_of(response).await;
+    assert_eq!(stats["stats"].get("data_loss"), None, "{stats}");
+    let (_, m) = Api::new(&server).receive("loss.b").await.expect("b-0");
+    assert_eq!(key_of(&m), "b-0");
 }
 
 /// A SIGTERM that comes right after the server announces its address is a clean

@@ -650,7 +650,7 @@ fn check_watermark(
     );
     let detail = if file.last_id > stored.last_id {
         format!(
-            "{batches}: message ids {} to {} and the memberships, receive cursors and deletions written with them are missing",
+            "{batches}: messages with ids {} to {} (some or all) and the memberships, receive cursors and deletions written with them are missing",
             stored.last_id + 1,
             file.last_id
         )
