@@ -22,6 +22,7 @@ mod migrate;
 pub mod record;
 mod watermark;
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -153,6 +154,19 @@ struct Flusher {
     last_id: AtomicU64,
     /// The newest mark known to be on disk, and the watermark file it is copied into.
     durable: Mutex<Durable>,
+    /// Flushes that sled wrote, in order, for the syncer thread to make durable.
+    to_sync: Mutex<VecDeque<Written>>,
+    sync_wake: Condvar,
+    /// Set once the flusher thread has ended: the syncer ends when it has synced all.
+    syncer_stop: AtomicBool,
+}
+
+/// A flush that sled wrote (or failed to), waiting for `fdatasync`.
+struct Written {
+    /// Every write with a ticket up to this is in the flush.
+    target: u64,
+    mark: Mark,
+    result: Result<(), Failure>,
 }
 
 /// See [`Flusher::durable`].
@@ -178,6 +192,7 @@ pub struct Store {
     durability: Durability,
     flusher: Arc<Flusher>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    syncer: Mutex<Option<JoinHandle<()>>>,
     healer: Mutex<Option<JoinHandle<()>>>,
     /// Added to sled's id generator: set once by an import so that new ids follow the
     /// imported ones.
@@ -254,6 +269,9 @@ impl Store {
                 file,
                 file_written_at: Instant::now(),
             }),
+            to_sync: Mutex::new(VecDeque::new()),
+            sync_wake: Condvar::new(),
+            syncer_stop: AtomicBool::new(false),
         });
         let spawn_failed = |e: io::Error| StoreError::Io(format!("starting a thread: {e}"));
         let thread = {
@@ -267,6 +285,14 @@ impl Store {
                 })
                 .map_err(spawn_failed)?
         };
+        let syncer = {
+            let db = db.clone();
+            let flusher = flusher.clone();
+            std::thread::Builder::new()
+                .name("herald-syncer".into())
+                .spawn(move || flusher.sync_loop(&db))
+                .map_err(spawn_failed)?
+        };
         let lose = flusher.clone();
         let healer = db
             .spawn_healer(move |failure| lose.lose_unflushed(failure))
@@ -277,6 +303,7 @@ impl Store {
             durability,
             flusher,
             thread: Mutex::new(Some(thread)),
+            syncer: Mutex::new(Some(syncer)),
             healer: Mutex::new(Some(healer)),
             id_floor,
             data_loss,
@@ -461,6 +488,11 @@ impl Drop for Store {
         if let Some(thread) = self.thread.lock().take() {
             let _ = thread.join();
         }
+        self.flusher.syncer_stop.store(true, Ordering::SeqCst);
+        self.flusher.sync_wake.notify_all();
+        if let Some(thread) = self.syncer.lock().take() {
+            let _ = thread.join();
+        }
         if let Err(e) = self.flush_blocking() {
             tracing::error!(error = %e, "final flush failed");
         }
@@ -568,8 +600,9 @@ impl Flusher {
     }
 
     /// The flusher thread: one flush at a time, each covering every write before it; in
-    /// `sync` mode when a writer asks, in `interval` mode every period. Between flushes
-    /// it brings the watermark file up to date.
+    /// `sync` mode when a writer asks, in `interval` mode every period. It hands each
+    /// flush to the syncer thread and goes on with the next: sled writing one flush
+    /// overlaps with `fdatasync` of the one before.
     fn run(&self, db: &Handle) {
         let mut tick = self.period.map(|period| Instant::now() + period);
         loop {
@@ -577,8 +610,7 @@ impl Flusher {
                 let mut pending = self.pending.lock();
                 let busy = *pending;
                 while !*pending && !self.stop.load(Ordering::SeqCst) {
-                    let deadline = tick.into_iter().chain(self.file_due()).min();
-                    match deadline {
+                    match tick {
                         Some(deadline) => {
                             if self.wake.wait_until(&mut pending, deadline).timed_out() {
                                 break;
@@ -601,30 +633,78 @@ impl Flusher {
                 }
                 self.flush(db);
             }
-            self.update_file(false);
             if stopping {
                 return;
             }
         }
     }
 
-    /// One flush of everything written so far, and its outcome for the waiting writers.
+    /// Writes everything written so far to sled's log, and hands it to the syncer.
     fn flush(&self, db: &Handle) {
         let (target, mark, written) = self.write_pending(db);
-        let result = written.and_then(|()| db.flush());
-        self.flushed.send_modify(|f| match &result {
-            Ok(_) => {
-                f.upto = f.upto.max(target);
-                f.error = None;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "flush failed");
-                f.failed_upto = f.failed_upto.max(target);
-                f.error = Some(Failure::of(e));
-            }
+        let result = written.and_then(|()| db.flush_log()).map_err(|e| {
+            tracing::error!(error = %e, "flush failed");
+            Failure::of(&e)
         });
-        if result.is_ok() {
-            self.made_durable(mark);
+        self.to_sync.lock().push_back(Written {
+            target,
+            mark,
+            result,
+        });
+        self.sync_wake.notify_one();
+    }
+
+    /// The syncer thread: makes the flushes that sled wrote durable, all those waiting
+    /// with one `fdatasync`, and tells their writers; between syncs it brings the
+    /// watermark file up to date.
+    fn sync_loop(&self, db: &Handle) {
+        loop {
+            let flushes: Vec<Written> = {
+                let mut queue = self.to_sync.lock();
+                while queue.is_empty() {
+                    if self.syncer_stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    match self.file_due() {
+                        Some(due) => {
+                            if self.sync_wake.wait_until(&mut queue, due).timed_out() {
+                                break;
+                            }
+                        }
+                        None => self.sync_wake.wait(&mut queue),
+                    }
+                }
+                queue.drain(..).collect()
+            };
+            if !flushes.is_empty() {
+                self.sync(db, flushes);
+            }
+            self.update_file(false);
+        }
+    }
+
+    /// One `fdatasync` for `flushes`, and their outcome for the waiting writers.
+    fn sync(&self, db: &Handle, flushes: Vec<Written>) {
+        let synced = db.sync_log().map_err(|e| {
+            tracing::error!(error = %e, "syncing the log failed");
+            Failure::of(&e)
+        });
+        for flush in flushes {
+            let outcome = flush.result.and(synced.clone());
+            let ok = outcome.is_ok();
+            self.flushed.send_modify(|f| match outcome {
+                Ok(()) => {
+                    f.upto = f.upto.max(flush.target);
+                    f.error = None;
+                }
+                Err(failure) => {
+                    f.failed_upto = f.failed_upto.max(flush.target);
+                    f.error = Some(failure);
+                }
+            });
+            if ok {
+                self.made_durable(flush.mark);
+            }
         }
     }
 }
