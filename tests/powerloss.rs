@@ -337,3 +337,70 @@ async fn a_torn_write_of_the_watermark_file_loses_nothing_acknowledged() {
     )
     .await;
 }
+
+/// Runs the `herald` command with `args`; panics unless it succeeds.
+fn herald(args: &[&str]) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(args)
+        .output()
+        .expect("running herald");
+    assert!(
+        output.status.success(),
+        "herald {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A dump written by `herald backup` and `herald export`, and a data directory filled
+/// by `herald import`, are on stable storage once the command reports success.
+#[tokio::test]
+async fn backup_export_and_import_are_durable_when_they_succeed() {
+    let Some(rig) = Rig::new("backup_export_and_import_are_durable_when_they_succeed") else {
+        return;
+    };
+    let mut server = rig.start(CONFIG).await;
+    let api = Api::new(&server);
+    for n in 0..20 {
+        api.send("pl.dump", &msg(n)).await;
+    }
+    let mnt = rig.fs.data_dir().parent().unwrap().to_path_buf();
+    let backup = mnt.join("backup.ndjson");
+    herald(&[
+        "backup",
+        "--url",
+        &server.base,
+        "--out",
+        backup.to_str().unwrap(),
+    ]);
+    server.shutdown(T).await;
+    let export = mnt.join("export.ndjson");
+    let data = rig.fs.data_dir();
+    herald(&[
+        "export",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    let restored = mnt.join("restored");
+    herald(&[
+        "import",
+        "--data-dir",
+        restored.to_str().unwrap(),
+        "--in",
+        export.to_str().unwrap(),
+    ]);
+    let dumps = [
+        std::fs::read(&backup).unwrap(),
+        std::fs::read(&export).unwrap(),
+    ];
+    rig.fs.power_cut();
+    assert_eq!(std::fs::read(&backup).unwrap(), dumps[0], "the backup");
+    assert_eq!(std::fs::read(&export).unwrap(), dumps[1], "the export");
+    let work = Workdir::with_data_dir(restored);
+    let server = Server::start_in(work, CONFIG).await;
+    assert_eq!(
+        drained(&Api::new(&server), "pl.dump").await,
+        (0..20).collect::<Vec<_>>()
+    );
+}
