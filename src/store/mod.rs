@@ -1,16 +1,20 @@
 //! The durable store: one sled tree, its format version and migrations, and group commit.
 //!
 //! Writers apply their change to sled (fast, in memory) and get a [`Ticket`]; awaiting
-//! [`Store::commit`] returns once a flush that covers the ticket is on disk. One flusher
-//! thread runs the flushes, so concurrent writers share each fsync (group commit) and
-//! throughput grows with concurrency instead of stopping at the disk's fsync rate.
+//! [`Store::commit`] returns once a flush that covers the ticket is on stable storage.
+//! One flusher thread has sled write each flush to its log, and one syncer thread makes
+//! them durable with `fdatasync` ([`disk`]), all those written meanwhile at once: while
+//! one flush is being synced the next is written. Concurrent writers share each sync
+//! (group commit), so throughput grows with concurrency instead of stopping at the
+//! disk's sync rate. A mark written with every flush and copied into a file beside the
+//! log tells at open whether the log lost acknowledged writes ([`watermark`]).
 //!
 //! Message records, the bulk of the writes, are not inserted one by one: they wait in
 //! memory ([`Store::append`]) and the flusher writes all those of one flush as one
 //! [`MessageBatch`] under one key, just before flushing. One sled insert costs about as
 //! much CPU as a small flush, so this is what lets a flush carry many messages cheaply.
-//! In `interval` mode there is no flusher: records are inserted at once (a batch of
-//! one each) and sled flushes on its own timer.
+//! In `interval` mode records are inserted at once (a batch of one each) and the
+//! flusher flushes every `flush_interval_ms` instead of when asked.
 //!
 //! The store knows nothing of HTTP.
 
