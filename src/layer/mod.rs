@@ -151,6 +151,10 @@ struct Inner {
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
     next_waiter: AtomicU64,
+    /// The lost watermark as stored ([`keys::LOST`]): the highest id of a message
+    /// deleted from the store. New channel states start knowing losses up to it, and
+    /// an idle channel is forgotten only once it covers what the channel lost.
+    lost_floor: AtomicU64,
 }
 
 impl ChannelLayer {
@@ -167,6 +171,10 @@ impl ChannelLayer {
             storage.durability,
             Duration::from_millis(storage.flush_interval_ms),
         )?;
+        let lost_floor = store
+            .get(keys::LOST)?
+            .and_then(|v| keys::decode_u64(&v))
+            .unwrap_or(0);
         let inner = Inner {
             store,
             rules,
@@ -176,6 +184,7 @@ impl ChannelLayer {
             clock,
             state: Mutex::new(State::default()),
             next_waiter: AtomicU64::new(1),
+            lost_floor: AtomicU64::new(lost_floor),
         };
         let state = inner.rebuild()?;
         *inner.state.lock() = state;
@@ -478,13 +487,23 @@ impl ChannelLayer {
         let inner = &*self.inner;
         let ticket = {
             let mut state = inner.state.lock();
-            let ticket = inner.store.clear()?;
+            // Everything held is deleted: a resume after an earlier id gets a gap.
+            let lost_upto = state
+                .channels
+                .values()
+                .flat_map(|ch| [ch.queue.back(), ch.delivered.back()])
+                .flatten()
+                .map(|entry| entry.id)
+                .fold(inner.lost_floor(), u64::max);
+            let ticket = inner.store.clear(lost_upto)?;
+            inner.lost_floor.fetch_max(lost_upto, Ordering::SeqCst);
             state.groups.clear();
             for ch in state.channels.values_mut() {
+                ch.lost_upto = ch.lost_upto.max(lost_upto);
                 ch.queue.clear();
                 ch.delivered.clear();
             }
-            state.channels.retain(|_, ch| !ch.is_idle());
+            inner.forget_idle(&mut state);
             ticket
         };
         inner.store.commit(ticket).await?;
@@ -498,9 +517,8 @@ impl ChannelLayer {
         let inner = &*self.inner;
         let mut state = inner.state.lock();
         let now = inner.clock.now_ms();
-        let Some(ch) = state.channels.get_mut(channel) else {
-            return Ok(Replay::default());
-        };
+        // A channel without state knows its losses up to the lost watermark.
+        let ch = inner.channel(&mut state.channels, channel);
         ch.drop_expired(now);
         let deliveries: Vec<Delivery> = ch
             .delivered
@@ -691,7 +709,19 @@ impl Inner {
     ) -> &'a mut Channel {
         channels
             .entry_ref(name)
-            .or_insert_with(|| Channel::new(name, &self.rules, self.replay_capacity))
+            .or_insert_with(|| {
+                Channel::new(name, &self.rules, self.replay_capacity, self.lost_floor())
+            })
+    }
+
+    fn lost_floor(&self) -> u64 {
+        self.lost_floor.load(Ordering::SeqCst)
+    }
+
+    /// Forgets the states of idle channels (see [`Channel::is_idle`]).
+    fn forget_idle(&self, state: &mut State) {
+        let floor = self.lost_floor();
+        state.channels.retain(|_, ch| !ch.is_idle(floor));
     }
 
     fn check_size(&self, message: &Message) -> Result<(), Error> {
@@ -795,12 +825,13 @@ impl Inner {
                 remove_member(state, group, channel);
             }
         }
-        state.channels.retain(|_, ch| !ch.is_idle());
+        self.forget_idle(state);
         Ok(lapsed.len())
     }
 
     /// Deletes stored messages sent before `cutoff_ms` (past every expiry and replay
-    /// time), their reference keys, and cursors that no longer point at anything.
+    /// time), their reference keys, and cursors that no longer point at anything, and
+    /// raises the lost watermark to the highest deleted id in the same write.
     fn sweep_disk(&self, cutoff_ms: u64) -> Result<usize, Error> {
         const BATCH: usize = 10_000;
         let mut deleted = 0;
@@ -808,6 +839,7 @@ impl Inner {
             let mut batch = sled::Batch::default();
             let mut in_batch = 0;
             let mut first_kept = None;
+            let mut last_deleted = None;
             for item in self.store.scan(&[keys::MESSAGE]) {
                 let (key, value) = item?;
                 let id = keys::message_id(&key).unwrap_or(0);
@@ -819,6 +851,7 @@ impl Inner {
                     _ => {}
                 }
                 batch.remove(key);
+                last_deleted = Some((id, value));
                 in_batch += 1;
                 if in_batch == BATCH {
                     first_kept = Some(id + 1);
@@ -841,7 +874,13 @@ impl Inner {
                     batch.remove(key);
                 }
             }
+            // A damaged batch (which a start refuses anyway) counts by its key.
+            let lost_upto = last_deleted
+                .map(|(id, value)| MessageBatch::decode_last_id(&value).unwrap_or(id))
+                .map_or(0, |id| id.max(self.lost_floor()));
+            batch.insert(keys::LOST, &keys::encode_u64(lost_upto));
             self.store.apply(batch)?;
+            self.lost_floor.fetch_max(lost_upto, Ordering::SeqCst);
             deleted += in_batch;
             if in_batch < BATCH {
                 return Ok(deleted);
@@ -898,7 +937,7 @@ impl Inner {
             }
             ch.drop_expired(now);
         }
-        state.channels.retain(|_, ch| !ch.is_idle());
+        self.forget_idle(&mut state);
         Ok(state)
     }
 

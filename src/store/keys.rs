@@ -12,6 +12,7 @@
 //! | `G` group NUL channel | a membership: joined id, last add time |
 //! | `C` channel | receive cursor: every message of the channel with a lower or equal id was taken |
 //! | `R` id channel | the message `id` of a group belongs to `channel`, whatever the membership says |
+//! | `L` | lost watermark, u64: no message with a higher id was deleted yet (see [`LOST`]) |
 
 /// The format version this build writes.
 pub const FORMAT_VERSION: u32 = 2;
@@ -22,6 +23,11 @@ pub const MESSAGE: u8 = b'M';
 pub const MEMBERSHIP: u8 = b'G';
 pub const CURSOR: u8 = b'C';
 pub const REF: u8 = b'R';
+/// The lost watermark: the highest id of a message deleted from the store (by the
+/// expiry sweep or a flush). A channel whose in-memory state was forgotten, or not yet
+/// rebuilt, knows what it lost only up to this id, so a resume after a lower id gets a
+/// gap. Added in format version 2 without a version change: older builds ignore it.
+pub const LOST: &[u8] = b"L";
 
 /// `M` id.
 pub fn message(id: u64) -> [u8; 9] {

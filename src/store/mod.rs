@@ -277,13 +277,15 @@ impl Store {
         })
     }
 
-    /// Deletes everything but the format version.
-    pub fn clear(&self) -> Result<Ticket, StoreError> {
+    /// Deletes everything but the format version, and sets the lost watermark
+    /// ([`keys::LOST`]) to `lost_upto` in the same write.
+    pub fn clear(&self, lost_upto: u64) -> Result<Ticket, StoreError> {
         let _drain = self.flusher.drain.lock();
         self.flusher.batches.lock().clear();
         self.db.write(|db| {
             db.clear()?;
             migrate::stamp(db)?;
+            db.insert(keys::LOST, &keys::encode_u64(lost_upto))?;
             Ok(self.written())
         })
     }

@@ -136,6 +136,18 @@ impl MessageBatch {
         Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
     }
 
+    /// The id of the last record of a stored batch, read without decoding the records.
+    pub fn decode_last_id(bytes: &[u8]) -> Option<u64> {
+        let mut reader = Reader(bytes.get(8..)?);
+        let mut last = None;
+        while !reader.0.is_empty() {
+            last = Some(u64::from_be_bytes(reader.take(8)?.try_into().ok()?));
+            let len = u32::from_be_bytes(reader.take(4)?.try_into().ok()?) as usize;
+            reader.take(len)?;
+        }
+        last
+    }
+
     /// The records of a stored batch with their ids, in order; a `None` item (and
     /// nothing after it) where the bytes are damaged.
     pub fn decode(bytes: &[u8]) -> impl Iterator<Item = Option<(u64, Record)>> + '_ {
@@ -218,6 +230,8 @@ mod tests {
         assert_eq!(batch.first_id(), 7);
         let bytes = batch.into_bytes();
         assert_eq!(MessageBatch::decode_sent_at(&bytes), Some(105));
+        assert_eq!(MessageBatch::decode_last_id(&bytes), Some(9));
+        assert_eq!(MessageBatch::decode_last_id(&bytes[..bytes.len() - 2]), None);
         let records: Vec<_> = MessageBatch::decode(&bytes).collect();
         assert_eq!(
             records,
