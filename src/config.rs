@@ -87,6 +87,9 @@ pub struct StorageSettings {
     /// How often, in milliseconds, expired messages and lapsed memberships are swept
     /// from memory and disk.
     pub sweep_interval_ms: u64,
+    /// Most bytes the data directory may take; a send or group_send that would pass it
+    /// is refused with 507 `storage_full`. 0: no limit.
+    pub max_disk_bytes: u64,
 }
 
 /// `[layer]`: channel-layer semantics (expiry, capacity, limits).

@@ -336,7 +336,11 @@ async fn resuming_after_messages_lost_to_a_forgotten_channel_starts_with_a_gap_e
         )
         .await;
         let gap = sse.event().await;
-        assert_eq!(gap.event.as_deref(), Some("herald.gap"), "restart: {restart}");
+        assert_eq!(
+            gap.event.as_deref(),
+            Some("herald.gap"),
+            "restart: {restart}"
+        );
         assert_eq!(gap.json(), json!({"after": first, "next": fresh}));
         let event = sse.event().await;
         assert_eq!(event.id, Some(fresh));

@@ -134,6 +134,9 @@ pub struct SweepReport {
     pub messages_deleted: usize,
     /// Group memberships that passed `group_expiry_secs` since their last group_add.
     pub memberships_lapsed: usize,
+    /// Whether the store was made to give back the space of deleted data
+    /// ([`Store::reclaim`]).
+    pub disk_reclaimed: bool,
 }
 
 /// The channel layer; cheap to clone, all clones share one state.
@@ -155,6 +158,12 @@ struct Inner {
     /// deleted from the store. New channel states start knowing losses up to it, and
     /// an idle channel is forgotten only once it covers what the channel lost.
     lost_floor: AtomicU64,
+    /// Bytes of the message records on disk (their stored values), for the bound
+    /// [`Store::is_bloated`] keeps the data directory within.
+    stored_bytes: AtomicU64,
+    /// Whether the sweep may call [`Store::reclaim`]: set when messages are deleted
+    /// from disk (and at start), cleared when a reclaim gave nothing back.
+    reclaiming: AtomicBool,
 }
 
 impl ChannelLayer {
@@ -171,6 +180,7 @@ impl ChannelLayer {
             storage.durability,
             Duration::from_millis(storage.flush_interval_ms),
         )?;
+        store.limit_disk(storage.max_disk_bytes);
         let lost_floor = store
             .get(keys::LOST)?
             .and_then(|v| keys::decode_u64(&v))
@@ -185,6 +195,8 @@ impl ChannelLayer {
             state: Mutex::new(State::default()),
             next_waiter: AtomicU64::new(1),
             lost_floor: AtomicU64::new(lost_floor),
+            stored_bytes: AtomicU64::new(0),
+            reclaiming: AtomicBool::new(true),
         };
         let state = inner.rebuild()?;
         *inner.state.lock() = state;
@@ -209,6 +221,7 @@ impl ChannelLayer {
                     capacity: ch.capacity,
                 });
             }
+            inner.store.take_room(message.encoded_len())?;
             let sent_at_ms = state.send_time(now);
             let id = inner.store.next_id()?;
             let record = Record {
@@ -218,6 +231,7 @@ impl ChannelLayer {
                 body: message.msgpack().clone(),
             };
             let ticket = inner.store.append(id, &record)?;
+            inner.stored(&message);
             let ch = inner.channel(&mut state.channels, channel);
             ch.queue.push_back(Entry {
                 id,
@@ -364,6 +378,7 @@ impl ChannelLayer {
                     targets.push(channel.as_str());
                 }
             }
+            inner.store.take_room(message.encoded_len())?;
             let id = inner.store.next_id()?;
             let report = GroupSendReport {
                 delivered: targets.len(),
@@ -376,6 +391,7 @@ impl ChannelLayer {
                 body: message.msgpack().clone(),
             };
             let ticket = inner.store.append(id, &record)?;
+            inner.stored(&message);
             let entry = Entry {
                 id,
                 sent_at_ms,
@@ -497,6 +513,8 @@ impl ChannelLayer {
                 .fold(inner.lost_floor(), u64::max);
             let ticket = inner.store.clear(lost_upto)?;
             inner.lost_floor.fetch_max(lost_upto, Ordering::SeqCst);
+            inner.stored_bytes.store(0, Ordering::Relaxed);
+            inner.reclaiming.store(true, Ordering::Relaxed);
             state.groups.clear();
             for ch in state.channels.values_mut() {
                 ch.lost_upto = ch.lost_upto.max(lost_upto);
@@ -624,9 +642,11 @@ impl ChannelLayer {
         let memberships_lapsed = inner.sweep_memory(now)?;
         let retention = inner.rules.max_retention().as_millis() as u64;
         let messages_deleted = inner.sweep_disk(now.saturating_sub(retention))?;
+        let disk_reclaimed = inner.reclaim_disk()?;
         Ok(SweepReport {
             messages_deleted,
             memberships_lapsed,
+            disk_reclaimed,
         })
     }
 
@@ -707,15 +727,38 @@ impl Inner {
         channels: &'a mut hashbrown::HashMap<String, Channel>,
         name: &str,
     ) -> &'a mut Channel {
-        channels
-            .entry_ref(name)
-            .or_insert_with(|| {
-                Channel::new(name, &self.rules, self.replay_capacity, self.lost_floor())
-            })
+        channels.entry_ref(name).or_insert_with(|| {
+            Channel::new(name, &self.rules, self.replay_capacity, self.lost_floor())
+        })
     }
 
     fn lost_floor(&self) -> u64 {
         self.lost_floor.load(Ordering::SeqCst)
+    }
+
+    /// Counts a message just stored.
+    fn stored(&self, message: &Message) {
+        self.stored_bytes
+            .fetch_add(message.encoded_len() as u64, Ordering::Relaxed);
+    }
+
+    /// Measures the data directory and, while it is over twice the stored messages
+    /// plus 64 MiB, makes the store give space back (sled alone waits for new writes;
+    /// see [`Store::reclaim`]). Once a reclaim gives nothing back, the next waits for
+    /// more deletions.
+    fn reclaim_disk(&self) -> Result<bool, Error> {
+        let disk = self.store.measure_disk();
+        let stored = self.stored_bytes.load(Ordering::Relaxed);
+        if !Store::is_bloated(disk, stored) || !self.reclaiming.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        self.store.reclaim()?;
+        let after = self.store.measure_disk();
+        if after >= disk {
+            self.reclaiming.store(false, Ordering::Relaxed);
+        }
+        tracing::debug!(disk, after, stored, "reclaimed disk space");
+        Ok(true)
     }
 
     /// Forgets the states of idle channels (see [`Channel::is_idle`]).
@@ -840,6 +883,7 @@ impl Inner {
             let mut in_batch = 0;
             let mut first_kept = None;
             let mut last_deleted = None;
+            let mut deleted_bytes = 0;
             for item in self.store.scan(&[keys::MESSAGE]) {
                 let (key, value) = item?;
                 let id = keys::message_id(&key).unwrap_or(0);
@@ -851,6 +895,7 @@ impl Inner {
                     _ => {}
                 }
                 batch.remove(key);
+                deleted_bytes += value.len() as u64;
                 last_deleted = Some((id, value));
                 in_batch += 1;
                 if in_batch == BATCH {
@@ -881,6 +926,12 @@ impl Inner {
             batch.insert(keys::LOST, &keys::encode_u64(lost_upto));
             self.store.apply(batch)?;
             self.lost_floor.fetch_max(lost_upto, Ordering::SeqCst);
+            let _ =
+                self.stored_bytes
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |stored| {
+                        Some(stored.saturating_sub(deleted_bytes))
+                    });
+            self.reclaiming.store(true, Ordering::Relaxed);
             deleted += in_batch;
             if in_batch < BATCH {
                 return Ok(deleted);
@@ -924,8 +975,10 @@ impl Inner {
             let (id, channel) = keys::reference_parts(&key).ok_or_else(|| corrupt("reference"))?;
             references.entry(id).or_default().push(channel.to_string());
         }
+        let mut stored_bytes = 0;
         for item in self.store.scan(&[keys::MESSAGE]) {
             let (_, value) = item?;
+            stored_bytes += value.len() as u64;
             for record in MessageBatch::decode(&value) {
                 let (id, record) = record.ok_or_else(|| corrupt("message"))?;
                 self.place(&mut state, &cursors, &mut references, id, record);
@@ -938,6 +991,7 @@ impl Inner {
             ch.drop_expired(now);
         }
         self.forget_idle(&mut state);
+        self.stored_bytes.store(stored_bytes, Ordering::Relaxed);
         Ok(state)
     }
 

@@ -19,6 +19,7 @@ mod handle;
 pub mod keys;
 mod migrate;
 pub mod record;
+mod space;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -67,6 +68,9 @@ pub enum StoreError {
     Corrupt { path: PathBuf, detail: String },
     #[error("the disk is full")]
     Full,
+    /// The data directory would pass `storage.max_disk_bytes`.
+    #[error("the data directory is at its limit of {limit} bytes (storage.max_disk_bytes)")]
+    DiskLimit { limit: u64 },
     #[error("storage failure: {0}")]
     Io(String),
 }
@@ -149,6 +153,7 @@ pub struct Store {
     /// Added to sled's id generator: set once by an import so that new ids follow the
     /// imported ones.
     id_floor: u64,
+    space: space::Space,
 }
 
 impl Store {
@@ -229,6 +234,7 @@ impl Store {
             thread: Mutex::new(thread),
             healer: Mutex::new(Some(healer)),
             id_floor,
+            space: space::Space::default(),
         })
     }
 
@@ -363,11 +369,6 @@ impl Store {
             &self.path,
             self.db.db().map(|db| db.range(from.to_vec()..to.to_vec())),
         )
-    }
-
-    /// Bytes the database takes on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
     }
 }
 

@@ -231,7 +231,10 @@ mod tests {
         let bytes = batch.into_bytes();
         assert_eq!(MessageBatch::decode_sent_at(&bytes), Some(105));
         assert_eq!(MessageBatch::decode_last_id(&bytes), Some(9));
-        assert_eq!(MessageBatch::decode_last_id(&bytes[..bytes.len() - 2]), None);
+        assert_eq!(
+            MessageBatch::decode_last_id(&bytes[..bytes.len() - 2]),
+            None
+        );
         let records: Vec<_> = MessageBatch::decode(&bytes).collect();
         assert_eq!(
             records,
