@@ -123,8 +123,12 @@ pub struct Stats {
     pub groups: usize,
     /// Current group memberships, summed over all groups.
     pub memberships: usize,
-    /// Size of the database on disk, in bytes.
+    /// Size of the data directory on disk, in bytes (as measured at the last sweep,
+    /// plus the messages accepted since).
     pub disk_bytes: u64,
+    /// Bytes of the message records on disk (expired ones until the sweep deletes
+    /// them): `disk_bytes` divided by this is the store's space amplification.
+    pub stored_bytes: u64,
 }
 
 /// What a sweep removed.
@@ -231,7 +235,7 @@ impl ChannelLayer {
                 body: message.msgpack().clone(),
             };
             let ticket = inner.store.append(id, &record)?;
-            inner.stored(&message);
+            inner.stored(&record);
             let ch = inner.channel(&mut state.channels, channel);
             ch.queue.push_back(Entry {
                 id,
@@ -391,7 +395,7 @@ impl ChannelLayer {
                 body: message.msgpack().clone(),
             };
             let ticket = inner.store.append(id, &record)?;
-            inner.stored(&message);
+            inner.stored(&record);
             let entry = Entry {
                 id,
                 sent_at_ms,
@@ -630,6 +634,7 @@ impl ChannelLayer {
             groups: groups.len(),
             memberships: groups.iter().map(|g| g.members.len()).sum(),
             disk_bytes: self.inner.store.size_on_disk(),
+            stored_bytes: self.inner.stored_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -736,10 +741,10 @@ impl Inner {
         self.lost_floor.load(Ordering::SeqCst)
     }
 
-    /// Counts a message just stored.
-    fn stored(&self, message: &Message) {
+    /// Counts a record just stored.
+    fn stored(&self, record: &Record) {
         self.stored_bytes
-            .fetch_add(message.encoded_len() as u64, Ordering::Relaxed);
+            .fetch_add(record.stored_len() as u64, Ordering::Relaxed);
     }
 
     /// Measures the data directory and, while it is over twice the stored messages

@@ -1,6 +1,8 @@
 //! Every key Herald writes, built in one place (format version 2).
 //!
-//! All data lives in one sled tree so that a batch of mixed writes is atomic. The first
+//! All data lives in one sled tree so that a batch of mixed writes is atomic. (A
+//! second tree, `herald-space`, only ever holds throw-away values while the store
+//! makes sled give back disk space; see `space.rs`.) The first
 //! byte of a key says what it holds; integers are big-endian so that keys sort by them.
 //! Names never contain a NUL byte (the name rules forbid it), so NUL separates them.
 //!

@@ -30,14 +30,30 @@ pub struct Record {
 }
 
 impl Record {
+    /// Bytes the record adds to its [`MessageBatch`]: its id, its length and its
+    /// encoding.
+    pub fn stored_len(&self) -> usize {
+        12 + self.encoded_len()
+    }
+
+    fn encoded_len(&self) -> usize {
+        let names: usize = self.skipped.iter().map(|s| 1 + s.len()).sum();
+        14 + self.target_name().len() + names + self.body.len()
+    }
+
+    fn target_name(&self) -> &str {
+        match &self.target {
+            Target::Channel(name) | Target::Group(name) => name,
+        }
+    }
+
     /// Appends the stored bytes to `out`.
     pub(super) fn encode_into(&self, out: &mut Vec<u8>) {
         let (kind, name) = match &self.target {
             Target::Channel(name) => (b'c', name),
             Target::Group(name) => (b'g', name),
         };
-        let names: usize = self.skipped.iter().map(|s| 1 + s.len()).sum();
-        out.reserve(14 + name.len() + names + self.body.len());
+        out.reserve(self.encoded_len());
         out.push(kind);
         out.extend_from_slice(&self.sent_at_ms.to_be_bytes());
         push_name(out, name);
@@ -212,6 +228,7 @@ mod tests {
         };
         let mut bytes = Vec::new();
         record.encode_into(&mut bytes);
+        assert_eq!(record.stored_len(), 12 + bytes.len());
         assert_eq!(Record::decode(&bytes), Some(record.clone()));
         assert_eq!(Record::decode_sent_at(&bytes), Some(1_700_000_000_123));
         assert_eq!(Record::decode(&bytes[..5]), None);
