@@ -162,7 +162,7 @@ struct Inner {
     /// deleted from the store. New channel states start knowing losses up to it, and
     /// an idle channel is forgotten only once it covers what the channel lost.
     lost_floor: AtomicU64,
-    /// Bytes of the message records on disk (their stored values), for the bound
+    /// Bytes of the message records on disk ([`Record::stored_len`]), for the bound
     /// [`Store::is_bloated`] keeps the data directory within.
     stored_bytes: AtomicU64,
     /// Whether the sweep may call [`Store::reclaim`]: set when messages are deleted
@@ -900,7 +900,7 @@ impl Inner {
                     _ => {}
                 }
                 batch.remove(key);
-                deleted_bytes += value.len() as u64;
+                deleted_bytes += MessageBatch::records_len(&value) as u64;
                 last_deleted = Some((id, value));
                 in_batch += 1;
                 if in_batch == BATCH {
@@ -983,7 +983,7 @@ impl Inner {
         let mut stored_bytes = 0;
         for item in self.store.scan(&[keys::MESSAGE]) {
             let (_, value) = item?;
-            stored_bytes += value.len() as u64;
+            stored_bytes += MessageBatch::records_len(&value) as u64;
             for record in MessageBatch::decode(&value) {
                 let (id, record) = record.ok_or_else(|| corrupt("message"))?;
                 self.place(&mut state, &cursors, &mut references, id, record);

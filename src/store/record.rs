@@ -152,6 +152,12 @@ impl MessageBatch {
         Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
     }
 
+    /// Bytes of a stored batch taken by its records (see [`Record::stored_len`]): all
+    /// but the send time in front.
+    pub fn records_len(bytes: &[u8]) -> usize {
+        bytes.len().saturating_sub(8)
+    }
+
     /// The id of the last record of a stored batch, read without decoding the records.
     pub fn decode_last_id(bytes: &[u8]) -> Option<u64> {
         let mut reader = Reader(bytes.get(8..)?);
@@ -246,6 +252,10 @@ mod tests {
         batch.push(9, &record(105, b"\x81\xa1a\x01"));
         assert_eq!(batch.first_id(), 7);
         let bytes = batch.into_bytes();
+        assert_eq!(
+            MessageBatch::records_len(&bytes),
+            record(100, b"\x80").stored_len() + record(105, b"\x81\xa1a\x01").stored_len()
+        );
         assert_eq!(MessageBatch::decode_sent_at(&bytes), Some(105));
         assert_eq!(MessageBatch::decode_last_id(&bytes), Some(9));
         assert_eq!(
