@@ -507,13 +507,18 @@ impl ChannelLayer {
         let inner = &*self.inner;
         let ticket = {
             let mut state = inner.state.lock();
-            // Everything held is deleted: a resume after an earlier id gets a gap.
+            // Everything held is deleted, and what was lost before is no longer on disk
+            // to rebuild from: a resume after an earlier id gets a gap.
             let lost_upto = state
                 .channels
                 .values()
-                .flat_map(|ch| [ch.queue.back(), ch.delivered.back()])
-                .flatten()
-                .map(|entry| entry.id)
+                .flat_map(|ch| {
+                    let held = [ch.queue.back(), ch.delivered.back()];
+                    held.into_iter()
+                        .flatten()
+                        .map(|e| e.id)
+                        .chain([ch.lost_upto])
+                })
                 .fold(inner.lost_floor(), u64::max);
             let ticket = inner.store.clear(lost_upto)?;
             inner.lost_floor.fetch_max(lost_upto, Ordering::SeqCst);
