@@ -91,6 +91,9 @@ pub struct StorageSettings {
     /// --accept-data-loss`); never read from a file or the environment.
     #[serde(skip)]
     pub accept_data_loss: bool,
+    /// Most bytes the data directory may take; a send or group_send that would pass it
+    /// is refused with 507 `storage_full`. 0: no limit.
+    pub max_disk_bytes: u64,
 }
 
 /// `[layer]`: channel-layer semantics (expiry, capacity, limits).

@@ -325,6 +325,30 @@ async fn resuming_after_expired_messages_starts_with_a_gap_event() {
 }
 
 #[tokio::test]
+async fn resuming_after_messages_lost_to_a_forgotten_channel_starts_with_a_gap_event() {
+    for restart in [false, true] {
+        let (server, first, fresh) =
+            lose_a_message_to_a_forgotten_channel("forgotten", restart).await;
+        let mut sse = Sse::open(
+            &client(),
+            &events_url(&server, "forgotten"),
+            &[("last-event-id", &first)],
+        )
+        .await;
+        let gap = sse.event().await;
+        assert_eq!(
+            gap.event.as_deref(),
+            Some("herald.gap"),
+            "restart: {restart}"
+        );
+        assert_eq!(gap.json(), json!({"after": first, "next": fresh}));
+        let event = sse.event().await;
+        assert_eq!(event.id, Some(fresh));
+        assert_eq!(event.json(), msg(2));
+    }
+}
+
+#[tokio::test]
 async fn a_group_stream_with_a_channel_gets_messages_sent_while_offline() {
     let server = Server::start_with("[server]\nkeepalive_secs = 1\n").await;
     let api = Api::new(&server);

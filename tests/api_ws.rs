@@ -406,6 +406,25 @@ async fn subscribe_with_last_event_id_replays_what_a_dropped_socket_missed() {
 }
 
 #[tokio::test]
+async fn subscribe_after_messages_lost_to_a_forgotten_channel_pushes_a_gap() {
+    for restart in [false, true] {
+        let (server, first, fresh) =
+            lose_a_message_to_a_forgotten_channel("w.forgotten", restart).await;
+        let mut ws = Ws::connect(&server).await;
+        ws.call(
+            json!({"op": "subscribe", "ref": 1, "channel": "w.forgotten", "last_event_id": first}),
+        )
+        .await;
+        assert_eq!(
+            ws.json().await,
+            json!({"op": "gap", "channel": "w.forgotten", "after": first, "next": fresh}),
+            "restart: {restart}"
+        );
+        assert_eq!(ws.json().await["id"], fresh.as_str());
+    }
+}
+
+#[tokio::test]
 async fn subscribe_after_lost_messages_pushes_a_gap() {
     let server = Server::start_with("[layer]\nreplay_capacity = 2\n").await;
     let api = Api::new(&server);

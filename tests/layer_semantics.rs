@@ -4,7 +4,7 @@ mod layer_common;
 
 use std::time::Duration;
 
-use herald::layer::{Error, GroupSendReport};
+use herald::layer::{Error, Gap, GroupSendReport};
 use herald::message::Message;
 use layer_common::{TestLayer, msg, n_of, take};
 
@@ -497,5 +497,52 @@ async fn closing_a_channel_leaves_its_groups_and_drops_what_it_held_for_good() {
     assert_invalid_name(
         l.close_channel("c", &["g!".to_string()]).await,
         "group name",
+    );
+}
+
+#[tokio::test]
+async fn a_resume_learns_of_losses_after_the_sweep_forgot_the_channel_a_flush_and_restarts() {
+    let t = TestLayer::with(|s| s.layer.expiry_secs = 1);
+    let first = t.layer.send("c", msg("t", 0)).await.unwrap();
+    assert_eq!(take(&t.layer, "c").await.unwrap().1, 0);
+    let lost = t.layer.send("c", msg("t", 1)).await.unwrap();
+    t.advance(2);
+    // The first sweep deletes both from disk, the second forgets the idle channel.
+    assert_eq!(t.layer.sweep().unwrap().messages_deleted, 2);
+    t.layer.sweep().unwrap();
+    let gap = |t: &TestLayer, after| t.layer.replay("c", after).unwrap().gap;
+    assert_eq!(
+        gap(&t, first),
+        Some(Gap {
+            after: first,
+            next: lost + 1
+        })
+    );
+    let t = t.restart();
+    let fresh = t.layer.send("c", msg("t", 2)).await.unwrap();
+    assert_eq!(
+        gap(&t, first),
+        Some(Gap {
+            after: first,
+            next: fresh
+        })
+    );
+    assert_eq!(
+        gap(&t, lost),
+        None,
+        "nothing after the last loss is missing"
+    );
+
+    // A flush deletes what is pending: a resume after an earlier id learns of it, also
+    // after a restart.
+    t.layer.flush().await.unwrap();
+    let t = t.restart();
+    let after_flush = t.layer.send("c", msg("t", 3)).await.unwrap();
+    assert_eq!(
+        gap(&t, lost),
+        Some(Gap {
+            after: lost,
+            next: after_flush
+        })
     );
 }

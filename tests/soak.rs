@@ -2,8 +2,9 @@
 //! send ~100-byte JSON messages to a few channels and group_send to a group of a few
 //! members; long-poll receivers take about half of what is published; the rest expires
 //! (`expiry_secs = 3`) and is swept (`sweep_interval_ms = 200`). Every few seconds the
-//! server's resident memory (`VmRSS`) and the size of its data directory are sampled
-//! and printed as a table.
+//! server's resident memory (`VmRSS`), the size of its data directory and the message
+//! bytes it stores (`stored_bytes` of `GET /v1/stats`) are sampled and printed as a
+//! table, with the space amplification (data directory ÷ stored message bytes).
 //!
 //! `HERALD_SOAK_SECS` sets the duration (8 s by default, a smoke run for CI; `make soak`
 //! runs 600 s). Every run asserts that the server stayed healthy, that messages were
@@ -285,6 +286,31 @@ struct Sample {
     received: u64,
     rss_kib: u64,
     disk_kib: u64,
+    /// The server's `stored_bytes` (message records on disk), in KiB.
+    stored_kib: u64,
+}
+
+impl Sample {
+    /// Space amplification: the data directory's size ÷ the message bytes stored.
+    fn amplification(&self) -> f64 {
+        self.disk_kib as f64 / self.stored_kib.max(1) as f64
+    }
+}
+
+/// The server's `stored_bytes` in KiB (`GET /v1/stats`).
+async fn stored_kib(http: &reqwest::Client, base: &str) -> u64 {
+    let stats: Json = http
+        .get(format!("{base}/v1/stats"))
+        .send()
+        .await
+        .expect("stats request")
+        .json()
+        .await
+        .expect("stats JSON");
+    stats["stats"]["stored_bytes"]
+        .as_u64()
+        .expect("stats has stored_bytes")
+        / 1024
 }
 
 fn soak_secs() -> u64 {
@@ -363,12 +389,13 @@ async fn memory_and_disk_stay_bounded_under_constant_load() {
     let counts = Arc::new(Counts::default());
     let pid = server.pid();
     let data_dir = server.data_dir();
-    let sample = |secs: f64, counts: &Counts| Sample {
+    let sample = async |secs: f64, counts: &Counts| Sample {
         secs,
         published: counts.published(),
         received: counts.received(),
         rss_kib: rss_kib(pid),
         disk_kib: dir_bytes(&data_dir) / 1024,
+        stored_kib: stored_kib(&http, &server.base).await,
     };
     println!(
         "soak: {secs} s, {CHANNEL_PUBLISHERS} channel publishers at {CHANNEL_RATE}/s, \
@@ -376,19 +403,25 @@ async fn memory_and_disk_stay_bounded_under_constant_load() {
         MEMBERS.len()
     );
     println!(
-        "{:>8} {:>10} {:>10} {:>10} {:>10}",
-        "time s", "published", "received", "RSS KiB", "disk KiB"
+        "{:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6}",
+        "time s", "published", "received", "RSS KiB", "disk KiB", "stored KiB", "amp"
     );
     let print = |s: &Sample| {
         println!(
-            "{:>8.1} {:>10} {:>10} {:>10} {:>10}",
-            s.secs, s.published, s.received, s.rss_kib, s.disk_kib
+            "{:>8.1} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6.1}",
+            s.secs,
+            s.published,
+            s.received,
+            s.rss_kib,
+            s.disk_kib,
+            s.stored_kib,
+            s.amplification()
         )
     };
 
     let start = Instant::now();
     let deadline = start + duration;
-    let baseline = sample(0.0, &counts);
+    let baseline = sample(0.0, &counts).await;
     print(&baseline);
     let mut tasks = Vec::new();
     for i in 0..CHANNEL_PUBLISHERS {
@@ -420,7 +453,7 @@ async fn memory_and_disk_stay_bounded_under_constant_load() {
     let mut next = start + period;
     while next <= deadline {
         tokio::time::sleep_until(next.into()).await;
-        let s = sample(start.elapsed().as_secs_f64(), &counts);
+        let s = sample(start.elapsed().as_secs_f64(), &counts).await;
         print(&s);
         samples.push(s);
         next += period;
@@ -431,7 +464,7 @@ async fn memory_and_disk_stay_bounded_under_constant_load() {
             .expect("a client task ends by itself after the deadline")
             .expect("a client task does not panic");
     }
-    let end = sample(start.elapsed().as_secs_f64(), &counts);
+    let end = sample(start.elapsed().as_secs_f64(), &counts).await;
     print(&end);
 
     api.assert_healthy().await;
@@ -464,6 +497,20 @@ async fn memory_and_disk_stay_bounded_under_constant_load() {
         disk[0],
         disk.iter().max().unwrap()
     );
+    // After the first third (warm-up: queues fill within the 3 s expiry).
+    let mut amplification: Vec<f64> = samples[samples.len() / 3..]
+        .iter()
+        .filter(|s| s.stored_kib > 0)
+        .map(Sample::amplification)
+        .collect();
+    amplification.sort_by(f64::total_cmp);
+    if let (Some(min), Some(max)) = (amplification.first(), amplification.last()) {
+        println!(
+            "soak: space amplification (data directory ÷ stored message bytes) after warm-up: \
+             median {:.1}, min {min:.1}, max {max:.1}",
+            amplification[amplification.len() / 2]
+        );
+    }
 
     assert_eq!(
         failures,
@@ -515,6 +562,7 @@ fn the_level_off_criterion_tells_a_plateau_from_a_leak() {
                     received: 0,
                     rss_kib: f(secs),
                     disk_kib: 0,
+                    stored_kib: 0,
                 }
             })
             .collect()

@@ -35,7 +35,8 @@ pub enum ErrorKind {
     ChannelFull,
     /// 503 `unavailable`: shutting down, at the connection limit, or storage failing.
     Unavailable,
-    /// 507 `storage_full`: the disk is full (or over quota), so the write was refused.
+    /// 507 `storage_full`: the disk is full (or over quota), or the data directory is at
+    /// `storage.max_disk_bytes`, so the publish was refused.
     StorageFull,
     /// 500 `internal`: an unexpected failure, such as an unhandled rejection or a failed backup.
     Internal,
@@ -138,7 +139,7 @@ impl From<layer::Error> for ApiError {
             E::InvalidMessage(MessageError::Invalid(_)) => ErrorKind::InvalidMessage,
             E::MessageTooLarge { .. } => ErrorKind::MessageTooLarge,
             E::ChannelFull { .. } => ErrorKind::ChannelFull,
-            E::Storage(StoreError::Full) => ErrorKind::StorageFull,
+            E::Storage(StoreError::Full | StoreError::DiskLimit { .. }) => ErrorKind::StorageFull,
             E::Storage(_) | E::Config(_) => {
                 tracing::error!(error = %e, "storage failure while serving a request");
                 return ApiError::new(

@@ -123,12 +123,16 @@ pub struct Stats {
     pub groups: usize,
     /// Current group memberships, summed over all groups.
     pub memberships: usize,
-    /// Size of the database on disk, in bytes.
+    /// Size of the data directory on disk, in bytes (as measured at the last sweep,
+    /// plus the messages accepted since).
     pub disk_bytes: u64,
     /// What the data directory had lost when the server was started on it with
     /// `--accept-data-loss`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_loss: Option<String>,
+    /// Bytes of the message records on disk (expired ones until the sweep deletes
+    /// them): `disk_bytes` divided by this is the store's space amplification.
+    pub stored_bytes: u64,
 }
 
 /// What a sweep removed.
@@ -138,6 +142,9 @@ pub struct SweepReport {
     pub messages_deleted: usize,
     /// Group memberships that passed `group_expiry_secs` since their last group_add.
     pub memberships_lapsed: usize,
+    /// Whether the store was made to give back the space of deleted data
+    /// ([`Store::reclaim`]).
+    pub disk_reclaimed: bool,
 }
 
 /// The channel layer; cheap to clone, all clones share one state.
@@ -155,6 +162,16 @@ struct Inner {
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
     next_waiter: AtomicU64,
+    /// The lost watermark as stored ([`keys::LOST`]): the highest id of a message
+    /// deleted from the store. New channel states start knowing losses up to it, and
+    /// an idle channel is forgotten only once it covers what the channel lost.
+    lost_floor: AtomicU64,
+    /// Bytes of the message records on disk ([`Record::stored_len`]), for the bound
+    /// [`Store::is_bloated`] keeps the data directory within.
+    stored_bytes: AtomicU64,
+    /// Whether the sweep may call [`Store::reclaim`]: set when messages are deleted
+    /// from disk (and at start), cleared when a reclaim gave nothing back.
+    reclaiming: AtomicBool,
 }
 
 impl ChannelLayer {
@@ -176,6 +193,11 @@ impl ChannelLayer {
                 OnDataLoss::Refuse
             },
         )?;
+        store.limit_disk(storage.max_disk_bytes);
+        let lost_floor = store
+            .get(keys::LOST)?
+            .and_then(|v| keys::decode_u64(&v))
+            .unwrap_or(0);
         let inner = Inner {
             store,
             rules,
@@ -185,6 +207,9 @@ impl ChannelLayer {
             clock,
             state: Mutex::new(State::default()),
             next_waiter: AtomicU64::new(1),
+            lost_floor: AtomicU64::new(lost_floor),
+            stored_bytes: AtomicU64::new(0),
+            reclaiming: AtomicBool::new(true),
         };
         let state = inner.rebuild()?;
         *inner.state.lock() = state;
@@ -209,6 +234,7 @@ impl ChannelLayer {
                     capacity: ch.capacity,
                 });
             }
+            inner.store.take_room(message.encoded_len())?;
             let sent_at_ms = state.send_time(now);
             let id = inner.store.next_id()?;
             let record = Record {
@@ -218,6 +244,7 @@ impl ChannelLayer {
                 body: message.msgpack().clone(),
             };
             let ticket = inner.store.append(id, &record)?;
+            inner.stored(&record);
             let ch = inner.channel(&mut state.channels, channel);
             ch.queue.push_back(Entry {
                 id,
@@ -364,6 +391,7 @@ impl ChannelLayer {
                     targets.push(channel.as_str());
                 }
             }
+            inner.store.take_room(message.encoded_len())?;
             let id = inner.store.next_id()?;
             let report = GroupSendReport {
                 delivered: targets.len(),
@@ -376,6 +404,7 @@ impl ChannelLayer {
                 body: message.msgpack().clone(),
             };
             let ticket = inner.store.append(id, &record)?;
+            inner.stored(&record);
             let entry = Entry {
                 id,
                 sent_at_ms,
@@ -487,13 +516,30 @@ impl ChannelLayer {
         let inner = &*self.inner;
         let ticket = {
             let mut state = inner.state.lock();
-            let ticket = inner.store.clear()?;
+            // Everything held is deleted, and what was lost before is no longer on disk
+            // to rebuild from: a resume after an earlier id gets a gap.
+            let lost_upto = state
+                .channels
+                .values()
+                .flat_map(|ch| {
+                    let held = [ch.queue.back(), ch.delivered.back()];
+                    held.into_iter()
+                        .flatten()
+                        .map(|e| e.id)
+                        .chain([ch.lost_upto])
+                })
+                .fold(inner.lost_floor(), u64::max);
+            let ticket = inner.store.clear(lost_upto)?;
+            inner.lost_floor.fetch_max(lost_upto, Ordering::SeqCst);
+            inner.stored_bytes.store(0, Ordering::Relaxed);
+            inner.reclaiming.store(true, Ordering::Relaxed);
             state.groups.clear();
             for ch in state.channels.values_mut() {
+                ch.lost_upto = ch.lost_upto.max(lost_upto);
                 ch.queue.clear();
                 ch.delivered.clear();
             }
-            state.channels.retain(|_, ch| !ch.is_idle());
+            inner.forget_idle(&mut state);
             ticket
         };
         inner.store.commit(ticket).await?;
@@ -507,9 +553,8 @@ impl ChannelLayer {
         let inner = &*self.inner;
         let mut state = inner.state.lock();
         let now = inner.clock.now_ms();
-        let Some(ch) = state.channels.get_mut(channel) else {
-            return Ok(Replay::default());
-        };
+        // A channel without state knows its losses up to the lost watermark.
+        let ch = inner.channel(&mut state.channels, channel);
         ch.drop_expired(now);
         let deliveries: Vec<Delivery> = ch
             .delivered
@@ -604,6 +649,7 @@ impl ChannelLayer {
             memberships: groups.iter().map(|g| g.members.len()).sum(),
             disk_bytes: self.inner.store.size_on_disk(),
             data_loss: self.inner.store.data_loss().map(str::to_string),
+            stored_bytes: self.inner.stored_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -616,9 +662,11 @@ impl ChannelLayer {
         let memberships_lapsed = inner.sweep_memory(now)?;
         let retention = inner.rules.max_retention().as_millis() as u64;
         let messages_deleted = inner.sweep_disk(now.saturating_sub(retention))?;
+        let disk_reclaimed = inner.reclaim_disk()?;
         Ok(SweepReport {
             messages_deleted,
             memberships_lapsed,
+            disk_reclaimed,
         })
     }
 
@@ -699,9 +747,44 @@ impl Inner {
         channels: &'a mut hashbrown::HashMap<String, Channel>,
         name: &str,
     ) -> &'a mut Channel {
-        channels
-            .entry_ref(name)
-            .or_insert_with(|| Channel::new(name, &self.rules, self.replay_capacity))
+        channels.entry_ref(name).or_insert_with(|| {
+            Channel::new(name, &self.rules, self.replay_capacity, self.lost_floor())
+        })
+    }
+
+    fn lost_floor(&self) -> u64 {
+        self.lost_floor.load(Ordering::SeqCst)
+    }
+
+    /// Counts a record just stored.
+    fn stored(&self, record: &Record) {
+        self.stored_bytes
+            .fetch_add(record.stored_len() as u64, Ordering::Relaxed);
+    }
+
+    /// Measures the data directory and, while it is over twice the stored messages
+    /// plus 64 MiB, makes the store give space back (sled alone waits for new writes;
+    /// see [`Store::reclaim`]). Once a reclaim gives nothing back, the next waits for
+    /// more deletions.
+    fn reclaim_disk(&self) -> Result<bool, Error> {
+        let disk = self.store.measure_disk();
+        let stored = self.stored_bytes.load(Ordering::Relaxed);
+        if !Store::is_bloated(disk, stored) || !self.reclaiming.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        self.store.reclaim()?;
+        let after = self.store.measure_disk();
+        if after >= disk {
+            self.reclaiming.store(false, Ordering::Relaxed);
+        }
+        tracing::debug!(disk, after, stored, "reclaimed disk space");
+        Ok(true)
+    }
+
+    /// Forgets the states of idle channels (see [`Channel::is_idle`]).
+    fn forget_idle(&self, state: &mut State) {
+        let floor = self.lost_floor();
+        state.channels.retain(|_, ch| !ch.is_idle(floor));
     }
 
     fn check_size(&self, message: &Message) -> Result<(), Error> {
@@ -805,12 +888,13 @@ impl Inner {
                 remove_member(state, group, channel);
             }
         }
-        state.channels.retain(|_, ch| !ch.is_idle());
+        self.forget_idle(state);
         Ok(lapsed.len())
     }
 
     /// Deletes stored messages sent before `cutoff_ms` (past every expiry and replay
-    /// time), their reference keys, and cursors that no longer point at anything.
+    /// time), their reference keys, and cursors that no longer point at anything, and
+    /// raises the lost watermark to the highest deleted id in the same write.
     fn sweep_disk(&self, cutoff_ms: u64) -> Result<usize, Error> {
         const BATCH: usize = 10_000;
         let mut deleted = 0;
@@ -818,6 +902,8 @@ impl Inner {
             let mut batch = sled::Batch::default();
             let mut in_batch = 0;
             let mut first_kept = None;
+            let mut last_deleted = None;
+            let mut deleted_bytes = 0;
             for item in self.store.scan(&[keys::MESSAGE]) {
                 let (key, value) = item?;
                 let id = keys::message_id(&key).unwrap_or(0);
@@ -829,6 +915,8 @@ impl Inner {
                     _ => {}
                 }
                 batch.remove(key);
+                deleted_bytes += MessageBatch::records_len(&value) as u64;
+                last_deleted = Some((id, value));
                 in_batch += 1;
                 if in_batch == BATCH {
                     first_kept = Some(id + 1);
@@ -851,7 +939,19 @@ impl Inner {
                     batch.remove(key);
                 }
             }
+            // A damaged batch (which a start refuses anyway) counts by its key.
+            let lost_upto = last_deleted
+                .map(|(id, value)| MessageBatch::decode_last_id(&value).unwrap_or(id))
+                .map_or(0, |id| id.max(self.lost_floor()));
+            batch.insert(keys::LOST, &keys::encode_u64(lost_upto));
             self.store.apply(batch)?;
+            self.lost_floor.fetch_max(lost_upto, Ordering::SeqCst);
+            let _ =
+                self.stored_bytes
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |stored| {
+                        Some(stored.saturating_sub(deleted_bytes))
+                    });
+            self.reclaiming.store(true, Ordering::Relaxed);
             deleted += in_batch;
             if in_batch < BATCH {
                 return Ok(deleted);
@@ -895,8 +995,10 @@ impl Inner {
             let (id, channel) = keys::reference_parts(&key).ok_or_else(|| corrupt("reference"))?;
             references.entry(id).or_default().push(channel.to_string());
         }
+        let mut stored_bytes = 0;
         for item in self.store.scan(&[keys::MESSAGE]) {
             let (_, value) = item?;
+            stored_bytes += MessageBatch::records_len(&value) as u64;
             for record in MessageBatch::decode(&value) {
                 let (id, record) = record.ok_or_else(|| corrupt("message"))?;
                 self.place(&mut state, &cursors, &mut references, id, record);
@@ -908,7 +1010,8 @@ impl Inner {
             }
             ch.drop_expired(now);
         }
-        state.channels.retain(|_, ch| !ch.is_idle());
+        self.forget_idle(&mut state);
+        self.stored_bytes.store(stored_bytes, Ordering::Relaxed);
         Ok(state)
     }
 

@@ -45,7 +45,9 @@ pub(super) struct Channel {
     pub woken: Vec<u64>,
     /// The highest id that left this channel without being delivered or kept for
     /// replay (expired, or pushed out of the replay log): resuming after an earlier id
-    /// may have missed it.
+    /// may have missed it. A new channel state starts at the layer's lost watermark
+    /// (see [`keys::LOST`](crate::store::keys::LOST)), since what an earlier, forgotten
+    /// state of the same channel lost is known only up to it.
     pub lost_upto: u64,
     /// Receive cursor: the highest id taken off the queue.
     pub taken_upto: u64,
@@ -57,7 +59,7 @@ pub(super) struct Channel {
 }
 
 impl Channel {
-    pub fn new(name: &str, rules: &ChannelRules, replay_capacity: usize) -> Self {
+    pub fn new(name: &str, rules: &ChannelRules, replay_capacity: usize, lost_upto: u64) -> Self {
         Channel {
             capacity: rules.capacity(name),
             expiry_ms: rules.expiry(name).as_millis() as u64,
@@ -67,7 +69,7 @@ impl Channel {
             delivered: VecDeque::new(),
             waiters: VecDeque::new(),
             woken: Vec::new(),
-            lost_upto: 0,
+            lost_upto,
             taken_upto: 0,
             cursor_on_disk: 0,
             cursor_staged: 0,
@@ -157,9 +159,12 @@ impl Channel {
         self.cursor_staged = cursor;
     }
 
-    /// Nothing in it, nobody waiting, cursor on disk: it can be forgotten.
-    pub fn is_idle(&self) -> bool {
-        self.taken_upto == self.cursor_on_disk
+    /// Nothing in it, nobody waiting, cursor on disk, and nothing lost that the lost
+    /// watermark `lost_floor` does not cover: it can be forgotten, and a state made
+    /// anew for it later knows as much.
+    pub fn is_idle(&self, lost_floor: u64) -> bool {
+        self.lost_upto <= lost_floor
+            && self.taken_upto == self.cursor_on_disk
             && self.queue.is_empty()
             && self.delivered.is_empty()
             && self.waiters.is_empty()

@@ -188,10 +188,6 @@ impl Handle {
         self.write_open(|open| Ok(open.disk.sync_log()?))
     }
 
-    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        self.read(|db| db.size_on_disk())
-    }
-
     /// Whether writes are failing and not yet repaired.
     pub fn failing(&self) -> Option<Failure> {
         self.health.lock().failing.as_ref().map(|(_, f)| f.clone())

@@ -1,6 +1,8 @@
 //! Every key Herald writes, built in one place (format version 2).
 //!
-//! All data lives in one sled tree so that a batch of mixed writes is atomic. The first
+//! All data lives in one sled tree so that a batch of mixed writes is atomic. (A
+//! second tree, `herald-space`, only ever holds throw-away values while the store
+//! makes sled give back disk space; see `space.rs`.) The first
 //! byte of a key says what it holds; integers are big-endian so that keys sort by them.
 //! Names never contain a NUL byte (the name rules forbid it), so NUL separates them.
 //!
@@ -12,6 +14,7 @@
 //! | `G` group NUL channel | a membership: joined id, last add time |
 //! | `C` channel | receive cursor: every message of the channel with a lower or equal id was taken |
 //! | `R` id channel | the message `id` of a group belongs to `channel`, whatever the membership says |
+//! | `L` | lost watermark, u64: no message with a higher id was deleted yet (see [`LOST`]) |
 //! | `W` | the latest flush's mark: flushes so far, highest message id, u64 each ([`super::watermark`]) |
 //!
 //! `W` came after format 2 without a new version: readers scan by prefix and pass over
@@ -27,6 +30,11 @@ pub const MESSAGE: u8 = b'M';
 pub const MEMBERSHIP: u8 = b'G';
 pub const CURSOR: u8 = b'C';
 pub const REF: u8 = b'R';
+/// The lost watermark: the highest id of a message deleted from the store (by the
+/// expiry sweep or a flush). A channel whose in-memory state was forgotten, or not yet
+/// rebuilt, knows what it lost only up to this id, so a resume after a lower id gets a
+/// gap. Added in format version 2 without a version change: older builds ignore it.
+pub const LOST: &[u8] = b"L";
 
 /// `M` id.
 pub fn message(id: u64) -> [u8; 9] {

@@ -24,6 +24,7 @@ mod handle;
 pub mod keys;
 mod migrate;
 pub mod record;
+mod space;
 mod watermark;
 
 use std::collections::VecDeque;
@@ -81,6 +82,9 @@ pub enum StoreError {
     DataLoss { path: PathBuf, detail: String },
     #[error("the disk is full")]
     Full,
+    /// The data directory would pass `storage.max_disk_bytes`.
+    #[error("the data directory is at its limit of {limit} bytes (storage.max_disk_bytes)")]
+    DiskLimit { limit: u64 },
     #[error("storage failure: {0}")]
     Io(String),
 }
@@ -203,6 +207,7 @@ pub struct Store {
     id_floor: u64,
     /// What was lost, when opened with [`OnDataLoss::Accept`] on a damaged log.
     data_loss: Option<String>,
+    space: space::Space,
 }
 
 impl Store {
@@ -311,6 +316,7 @@ impl Store {
             healer: Mutex::new(Some(healer)),
             id_floor,
             data_loss,
+            space: space::Space::default(),
         })
     }
 
@@ -365,8 +371,9 @@ impl Store {
         })
     }
 
-    /// Deletes everything but the format version.
-    pub fn clear(&self) -> Result<Ticket, StoreError> {
+    /// Deletes everything but the format version, and sets the lost watermark
+    /// ([`keys::LOST`]) to `lost_upto` in the same write.
+    pub fn clear(&self, lost_upto: u64) -> Result<Ticket, StoreError> {
         let _drain = self.flusher.drain.lock();
         self.flusher.batches.lock().clear();
         let mark = self.flusher.mark();
@@ -375,6 +382,7 @@ impl Store {
             migrate::stamp(db)?;
             // Kept: the watermark file may vouch for it already.
             db.insert(keys::WATERMARK, &mark.encode())?;
+            db.insert(keys::LOST, &keys::encode_u64(lost_upto))?;
             Ok(self.written())
         })
     }
@@ -384,7 +392,7 @@ impl Store {
     }
 
     /// Waits until the write with `ticket` is durable as configured: on disk for
-    /// `sync`, at once for `interval` (sled flushes on its own timer).
+    /// `sync`, at once for `interval` (the flusher flushes on its timer).
     pub async fn commit(&self, ticket: Ticket) -> Result<(), StoreError> {
         if self.durability == Durability::Interval {
             return Ok(());
@@ -456,11 +464,6 @@ impl Store {
             &self.path,
             self.db.db().map(|db| db.range(from.to_vec()..to.to_vec())),
         )
-    }
-
-    /// Bytes the database takes on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
     }
 }
 

@@ -30,14 +30,30 @@ pub struct Record {
 }
 
 impl Record {
+    /// Bytes the record adds to its [`MessageBatch`]: its id, its length and its
+    /// encoding.
+    pub fn stored_len(&self) -> usize {
+        12 + self.encoded_len()
+    }
+
+    fn encoded_len(&self) -> usize {
+        let names: usize = self.skipped.iter().map(|s| 1 + s.len()).sum();
+        14 + self.target_name().len() + names + self.body.len()
+    }
+
+    fn target_name(&self) -> &str {
+        match &self.target {
+            Target::Channel(name) | Target::Group(name) => name,
+        }
+    }
+
     /// Appends the stored bytes to `out`.
     pub(super) fn encode_into(&self, out: &mut Vec<u8>) {
         let (kind, name) = match &self.target {
             Target::Channel(name) => (b'c', name),
             Target::Group(name) => (b'g', name),
         };
-        let names: usize = self.skipped.iter().map(|s| 1 + s.len()).sum();
-        out.reserve(14 + name.len() + names + self.body.len());
+        out.reserve(self.encoded_len());
         out.push(kind);
         out.extend_from_slice(&self.sent_at_ms.to_be_bytes());
         push_name(out, name);
@@ -136,6 +152,24 @@ impl MessageBatch {
         Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
     }
 
+    /// Bytes of a stored batch taken by its records (see [`Record::stored_len`]): all
+    /// but the send time in front.
+    pub fn records_len(bytes: &[u8]) -> usize {
+        bytes.len().saturating_sub(8)
+    }
+
+    /// The id of the last record of a stored batch, read without decoding the records.
+    pub fn decode_last_id(bytes: &[u8]) -> Option<u64> {
+        let mut reader = Reader(bytes.get(8..)?);
+        let mut last = None;
+        while !reader.0.is_empty() {
+            last = Some(u64::from_be_bytes(reader.take(8)?.try_into().ok()?));
+            let len = u32::from_be_bytes(reader.take(4)?.try_into().ok()?) as usize;
+            reader.take(len)?;
+        }
+        last
+    }
+
     /// The records of a stored batch with their ids, in order; a `None` item (and
     /// nothing after it) where the bytes are damaged.
     pub fn decode(bytes: &[u8]) -> impl Iterator<Item = Option<(u64, Record)>> + '_ {
@@ -200,6 +234,7 @@ mod tests {
         };
         let mut bytes = Vec::new();
         record.encode_into(&mut bytes);
+        assert_eq!(record.stored_len(), 12 + bytes.len());
         assert_eq!(Record::decode(&bytes), Some(record.clone()));
         assert_eq!(Record::decode_sent_at(&bytes), Some(1_700_000_000_123));
         assert_eq!(Record::decode(&bytes[..5]), None);
@@ -217,7 +252,16 @@ mod tests {
         batch.push(9, &record(105, b"\x81\xa1a\x01"));
         assert_eq!(batch.first_id(), 7);
         let bytes = batch.into_bytes();
+        assert_eq!(
+            MessageBatch::records_len(&bytes),
+            record(100, b"\x80").stored_len() + record(105, b"\x81\xa1a\x01").stored_len()
+        );
         assert_eq!(MessageBatch::decode_sent_at(&bytes), Some(105));
+        assert_eq!(MessageBatch::decode_last_id(&bytes), Some(9));
+        assert_eq!(
+            MessageBatch::decode_last_id(&bytes[..bytes.len() - 2]),
+            None
+        );
         let records: Vec<_> = MessageBatch::decode(&bytes).collect();
         assert_eq!(
             records,

@@ -507,6 +507,28 @@ impl Api {
     }
 }
 
+/// The sweep forgets what a channel lost: sends m0 and receives it, sends m1 and lets
+/// it expire (expiry 1 s) long enough for the sweep to delete both from disk and forget
+/// the idle channel; then, with `restart`, kills the server and starts it again on the
+/// same data directory; then sends m2. Returns the server and the ids of m0 and m2.
+pub async fn lose_a_message_to_a_forgotten_channel(
+    channel: &str,
+    restart: bool,
+) -> (Server, String, String) {
+    let mut server = Server::start_with("[layer]\nexpiry_secs = 1\n").await;
+    let api = Api::new(&server);
+    let first = api.send(channel, &msg(0)).await;
+    assert_eq!(api.receive(channel).await.unwrap().0, first);
+    api.send(channel, &msg(1)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    if restart {
+        server.kill().await;
+        server = server.restart().await;
+    }
+    let fresh = Api::new(&server).send(channel, &msg(2)).await;
+    (server, first, fresh)
+}
+
 /// A test message `{"type":"test","n":n}`.
 pub fn msg(n: u64) -> Json {
     serde_json::json!({"type": "test", "n": n})
