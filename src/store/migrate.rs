@@ -131,9 +131,7 @@ fn upgrade_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Durability;
-    use crate::store::{OnDataLoss, Store};
-    use std::time::Duration;
+    use crate::store::Store;
 
     #[test]
     fn newer_and_older_formats_are_refused_with_advice() {
@@ -146,14 +144,7 @@ mod tests {
                 db.insert(VERSION, &version.to_be_bytes()).unwrap();
                 db.flush().unwrap();
             }
-            let err = Store::open(
-                dir.path(),
-                Durability::Sync,
-                Duration::from_secs(1),
-                OnDataLoss::Refuse,
-            )
-            .err()
-            .expect("must refuse");
+            let err = Store::open_for_test(dir.path()).err().expect("must refuse");
             let text = err.to_string();
             assert!(text.contains(expected), "{text}");
             assert!(text.contains(&dir.path().display().to_string()), "{text}");
@@ -226,13 +217,7 @@ mod tests {
             }
             db.flush().unwrap();
         }
-        let store = Store::open(
-            dir.path(),
-            Durability::Sync,
-            Duration::from_secs(1),
-            OnDataLoss::Refuse,
-        )
-        .unwrap();
+        let store = Store::open_for_test(dir.path()).unwrap();
         let stored: Vec<_> = store
             .scan(&[keys::MESSAGE])
             .map(|item| {
@@ -254,15 +239,7 @@ mod tests {
     #[test]
     fn a_new_directory_is_stamped() {
         let dir = tempfile::tempdir().unwrap();
-        drop(
-            Store::open(
-                dir.path(),
-                Durability::Sync,
-                Duration::from_secs(1),
-                OnDataLoss::Refuse,
-            )
-            .unwrap(),
-        );
+        drop(Store::open_for_test(dir.path()).unwrap());
         let db = sled::open(dir.path()).unwrap();
         assert_eq!(
             db.get(VERSION).unwrap().unwrap().as_ref(),

@@ -861,6 +861,19 @@ fn holds_sled_data(path: &Path) -> bool {
 }
 
 #[cfg(test)]
+impl Store {
+    /// A `sync` store on `path` that refuses a damaged log, as the unit tests use it.
+    pub(crate) fn open_for_test(path: &Path) -> Result<Store, StoreError> {
+        Store::open(
+            path,
+            Durability::Sync,
+            Duration::from_millis(500),
+            OnDataLoss::Refuse,
+        )
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -868,25 +881,13 @@ mod tests {
     async fn commit_waits_for_flush_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(
-                dir.path(),
-                Durability::Sync,
-                Duration::from_millis(500),
-                OnDataLoss::Refuse,
-            )
-            .unwrap();
+            let store = Store::open_for_test(dir.path()).unwrap();
             let mut batch = sled::Batch::default();
             batch.insert(keys::cursor("a"), &keys::encode_u64(5));
             let ticket = store.apply(batch).unwrap();
             store.commit(ticket).await.unwrap();
         }
-        let store = Store::open(
-            dir.path(),
-            Durability::Sync,
-            Duration::from_millis(500),
-            OnDataLoss::Refuse,
-        )
-        .unwrap();
+        let store = Store::open_for_test(dir.path()).unwrap();
         let value = store.get(&keys::cursor("a")).unwrap().unwrap();
         assert_eq!(keys::decode_u64(&value), Some(5));
     }
@@ -909,21 +910,10 @@ mod tests {
     #[test]
     fn second_open_is_refused_with_the_path() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Store::open(
-            dir.path(),
-            Durability::Sync,
-            Duration::from_millis(500),
-            OnDataLoss::Refuse,
-        )
-        .unwrap();
-        let err = Store::open(
-            dir.path(),
-            Durability::Sync,
-            Duration::from_millis(500),
-            OnDataLoss::Refuse,
-        )
-        .err()
-        .expect("second open must fail");
+        let _first = Store::open_for_test(dir.path()).unwrap();
+        let err = Store::open_for_test(dir.path())
+            .err()
+            .expect("second open must fail");
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
         assert!(err.to_string().contains(&dir.path().display().to_string()));
     }
@@ -947,22 +937,10 @@ mod tests {
     fn ids_grow_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let first = {
-            let store = Store::open(
-                dir.path(),
-                Durability::Sync,
-                Duration::from_millis(500),
-                OnDataLoss::Refuse,
-            )
-            .unwrap();
+            let store = Store::open_for_test(dir.path()).unwrap();
             (0..10).map(|_| store.next_id().unwrap()).max().unwrap()
         };
-        let store = Store::open(
-            dir.path(),
-            Durability::Sync,
-            Duration::from_millis(500),
-            OnDataLoss::Refuse,
-        )
-        .unwrap();
+        let store = Store::open_for_test(dir.path()).unwrap();
         assert!(store.next_id().unwrap() > first);
     }
 }

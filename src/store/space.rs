@@ -131,19 +131,11 @@ fn dir_bytes(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Durability;
-    use std::time::Duration;
 
     #[test]
     fn reclaim_gives_back_the_files_of_deleted_large_values() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            dir.path(),
-            Durability::Sync,
-            Duration::from_millis(500),
-            crate::store::OnDataLoss::Refuse,
-        )
-        .unwrap();
+        let store = Store::open_for_test(dir.path()).unwrap();
         // 40 values of 1 MiB: each a node of its own in blobs/, or several in one.
         let value = vec![7u8; 1 << 20];
         for id in 0..40u64 {
