@@ -66,15 +66,19 @@ impl Verifier {
             v.algorithms = algorithms.to_vec();
             v.leeway = 0;
             v.validate_nbf = true;
-            v.set_required_spec_claims(&["exp"]);
+            // A claim that is checked must be there: a token without it is refused.
+            let mut required = vec!["exp"];
             if !settings.jwt_issuer.is_empty() {
                 v.set_issuer(&[&settings.jwt_issuer]);
+                required.push("iss");
             }
             if settings.jwt_audience.is_empty() {
                 v.validate_aud = false;
             } else {
                 v.set_audience(&[&settings.jwt_audience]);
+                required.push("aud");
             }
+            v.set_required_spec_claims(&required);
             v
         };
         let secret = settings.jwt_secret.expose();
