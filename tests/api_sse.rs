@@ -680,8 +680,9 @@ async fn read_until(stream: &mut tokio::net::TcpStream, text: &str) -> String {
 async fn a_stream_that_opens_its_connection_ends_with_it_and_others_are_chunked() {
     let server = Server::start().await;
     let api = Api::new(&server);
-    let get =
-        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n");
+    let get = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n")
+    };
     // First request on its connection, whole in one packet: served directly, the body
     // ends with the connection.
     let mut direct = raw_request(&server, &[&get("/v1/channels/wire/events")]).await;
