@@ -326,12 +326,13 @@ async fn reset(admin: &Api) {
 
 /// The status `cred` gets for an operation of `kind` under `default_access`.
 fn expected(kind: Kind, cred: Cred, default_access: &str, ok: u16) -> (u16, Option<&'static str>) {
-    let by_default = match (default_access, kind) {
-        (_, Kind::Nothing) => true,
-        ("all", _) => true,
-        ("publish", Kind::Publish) | ("subscribe", Kind::Subscribe) => true,
-        _ => false,
-    };
+    let by_default = matches!(
+        (default_access, kind),
+        (_, Kind::Nothing)
+            | ("all", _)
+            | ("publish", Kind::Publish)
+            | ("subscribe", Kind::Subscribe)
+    );
     match cred {
         _ if kind == Kind::Nothing => (ok, None),
         Cred::Unknown | Cred::Expired | Cred::ExpiredJwt | Cred::BadSignature => {

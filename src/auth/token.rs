@@ -41,10 +41,13 @@ pub(crate) fn parse_hash(text: &str) -> Option<[u8; 32]> {
     Some(digest)
 }
 
+/// A configured token: the SHA-256 digest of its secret, and who it stands for.
+type Entry = ([u8; 32], Arc<Principal>);
+
 /// The configured tokens, by the first 8 bytes of their digest.
 #[derive(Default)]
 pub(crate) struct Tokens {
-    by_prefix: HashMap<[u8; 8], Vec<([u8; 32], Arc<Principal>)>>,
+    by_prefix: HashMap<[u8; 8], Vec<Entry>>,
 }
 
 impl Tokens {
