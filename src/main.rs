@@ -80,6 +80,10 @@ enum Command {
         /// Where to write the dump.
         #[arg(long)]
         out: PathBuf,
+        /// A file holding an admin token (a trailing newline is not part of it), for a
+        /// server with access control.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Run load scenarios against a fresh server (or --url) and report throughput,
     /// delivery, latency, errors and server memory.
@@ -176,7 +180,15 @@ fn main() -> ExitCode {
             input,
             file,
         } => dump::import(&data_dir, input.or(file).as_deref()).map_err(Failure::from),
-        Command::Backup { url, out } => dump::backup(&url, &out).map_err(Failure::from),
+        Command::Backup {
+            url,
+            out,
+            token_file,
+        } => token_file
+            .map(|file| read_secret(&file))
+            .transpose()
+            .and_then(|token| dump::backup(&url, &out, token.as_deref()))
+            .map_err(Failure::from),
         Command::Bench(options) => herald::bench::run(options).map_err(Failure::from),
         Command::Token(command) => token(command).map_err(Failure::from),
     };
@@ -241,20 +253,24 @@ fn token(command: TokenCommand) -> Result<(), String> {
             subscribe,
             ttl,
         } => {
-            let secret = std::fs::read(&secret_file)
-                .map_err(|e| format!("cannot read {}: {e}", secret_file.display()))?;
-            let secret = secret
-                .strip_suffix(b"\n")
-                .map(|s| s.strip_suffix(b"\r").unwrap_or(s))
-                .unwrap_or(&secret);
-            if secret.is_empty() {
-                return Err(format!("{} holds no secret", secret_file.display()));
-            }
-            let jwt = auth::mint_hs256(secret, sub, publish, subscribe, ttl)?;
+            let secret = read_secret(&secret_file)?;
+            let jwt = auth::mint_hs256(secret.as_bytes(), sub, publish, subscribe, ttl)?;
             println!("{jwt}");
             Ok(())
         }
     }
+}
+
+/// The secret in `file`, without the trailing newline an editor adds.
+fn read_secret(file: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let secret = text.strip_suffix('\n').unwrap_or(&text);
+    let secret = secret.strip_suffix('\r').unwrap_or(secret);
+    if secret.is_empty() {
+        return Err(format!("{} holds no secret", file.display()));
+    }
+    Ok(secret.to_string())
 }
 
 fn load(

@@ -715,7 +715,10 @@ async fn token_new_and_token_jwt_print_what_the_server_accepts() {
     let browser_jwt = String::from_utf8(output.stdout).unwrap().trim().to_string();
 
     // The printed table, pasted below the [auth] keys.
-    let config = format!("[auth]\njwt_secret = \"{JWT_SECRET}\"\n\n{table}");
+    let config = format!(
+        "[auth]\njwt_secret = \"{JWT_SECRET}\"\n\n{table}\n[[auth.tokens]]\nname = \"admin\"\nhash = \"{}\"\nadmin = true\n",
+        hash(FULL)
+    );
     let server = Server::start_with(&config).await;
     let backend = Api::with_token(&server, secret);
     backend.send("user.42", &msg(1)).await;
@@ -733,6 +736,34 @@ async fn token_new_and_token_jwt_print_what_the_server_accepts() {
         .await
         .unwrap();
     assert_error(response, 403, "forbidden").await;
+
+    // `herald backup` presents an admin token from a file.
+    let dump = dir.path().join("dump.ndjson");
+    let backup = |token_file: Option<&std::path::Path>| {
+        let mut command = std::process::Command::new(herald);
+        command
+            .args(["backup", "--url", &server.base, "--out"])
+            .arg(&dump);
+        if let Some(file) = token_file {
+            command.arg("--token-file").arg(file);
+        }
+        command.output().unwrap()
+    };
+    let refused = backup(None);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("401"),
+        "{refused:?}"
+    );
+    let admin_file = dir.path().join("admin.token");
+    std::fs::write(&admin_file, format!("{FULL}\n")).unwrap();
+    let done = backup(Some(&admin_file));
+    assert!(done.status.success(), "{done:?}");
+    assert!(
+        std::fs::read_to_string(&dump)
+            .unwrap()
+            .contains("herald_dump")
+    );
 
     let bad = std::process::Command::new(herald)
         .args(["token", "new", "--name", "x", "--publish", "user.42"])
