@@ -235,6 +235,54 @@ mod tests {
         assert!(verifier.verify(&token[..token.len() - 2]).is_none());
     }
 
+    /// Test key pairs (made with openssl for this test only).
+    const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIPMfrjfrd5ClrMjRs6AaOFGTTO32D1g2HmU02AvdhmBS\n-----END PRIVATE KEY-----\n";
+    const ED_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAuxnaYGxq43OHzO2RqG511VgVNGAgF7WRCC+otGTx8fM=\n-----END PUBLIC KEY-----\n";
+    const EC_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgm4r855jn/rak6qmL\nlIHWtNDvbFIwQmyxfwM5oPMf52OhRANCAAQmnbaJuF7CsVRfn0ZaL4K1EWA8ZVfo\nE/zuOkhnYApsBm/oA+STBdYK5gypPQO7GE6OE0mbF38ElycY569IVsdJ\n-----END PRIVATE KEY-----\n";
+    const EC_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEJp22ibhewrFUX59GWi+CtRFgPGVX\n6BP87jpIZ2AKbAZv6APkkwXWCuYMqT0DuxhOjhNJmxd/BJcnGOevSFbHSQ==\n-----END PUBLIC KEY-----\n";
+
+    #[test]
+    fn public_keys_verify_eddsa_and_es256_and_refuse_hs256_forgeries() {
+        let dir = tempfile::tempdir().unwrap();
+        let exp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60;
+        let claims = serde_json::json!({"exp": exp});
+        for (public, private, algorithm) in [
+            (
+                ED_PUBLIC,
+                EncodingKey::from_ed_pem(ED_PRIVATE.as_bytes()).unwrap(),
+                Algorithm::EdDSA,
+            ),
+            (
+                EC_PUBLIC,
+                EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap(),
+                Algorithm::ES256,
+            ),
+        ] {
+            let file = dir.path().join("key.pem");
+            std::fs::write(&file, public).unwrap();
+            let verifier = Verifier::new(&AuthSettings {
+                jwt_public_key_file: file,
+                ..AuthSettings::default()
+            })
+            .unwrap()
+            .unwrap();
+            let token = jsonwebtoken::encode(&Header::new(algorithm), &claims, &private).unwrap();
+            assert!(verifier.verify(&token).is_some(), "{algorithm:?}");
+            // No secret is configured: an HS256 token signed with the public key is refused.
+            let forged = jsonwebtoken::encode(
+                &Header::default(),
+                &claims,
+                &EncodingKey::from_secret(public.as_bytes()),
+            )
+            .unwrap();
+            assert!(verifier.verify(&forged).is_none(), "{algorithm:?}");
+        }
+    }
+
     #[test]
     fn expired_tokens_and_wrong_issuers_are_refused() {
         let verifier = Verifier::new(&settings("k")).unwrap().unwrap();
