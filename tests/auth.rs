@@ -619,6 +619,16 @@ async fn host_and_origin_rules_apply_to_every_kind_of_request() {
         .await
         .unwrap();
     assert_eq!(send.status(), 202);
+    // The server's own origin needs no CORS entry.
+    let own = http
+        .post(listed.url("/v1/channels/c/messages"))
+        .header("host", "herald.example:8443")
+        .header("origin", "http://herald.example:8443")
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 202);
     let loopback = http.get(listed.url("/healthz")).send().await.unwrap();
     assert_error(loopback, 403, "forbidden").await;
 }

@@ -109,9 +109,9 @@ impl Sites {
         }
     }
 
-    /// Ok for a request with this `Host` and `Origin` (either may be absent), else
-    /// 403 saying which is not allowed.
-    pub(crate) fn check(&self, host: Option<&str>, origin: Option<&str>) -> Result<(), ApiError> {
+    /// Whether a request with this `Host` and `Origin` (either may be absent) comes
+    /// from another origin (one of `cors_origins`), or 403 saying which is not allowed.
+    pub(crate) fn check(&self, host: Option<&str>, origin: Option<&str>) -> Result<bool, ApiError> {
         let forbidden = |why: &str| Err(ApiError::new(ErrorKind::Forbidden, why));
         if let (Some(host), Some(allowed)) = (host, &self.hosts)
             && !allowed.contains(&bare_host(strip_port(host)))
@@ -119,15 +119,17 @@ impl Sites {
             return forbidden("this Host is not allowed (server.allowed_hosts)");
         }
         let Some(origin) = origin else {
-            return Ok(());
+            return Ok(false);
         };
         let own = host.is_some_and(|host| {
             origin
                 .strip_prefix("http://")
                 .is_some_and(|rest| rest.eq_ignore_ascii_case(host))
         });
-        if own || self.origins.iter().any(|o| o == "*" || o == origin) {
-            Ok(())
+        if own {
+            Ok(false)
+        } else if self.origins.iter().any(|o| o == "*" || o == origin) {
+            Ok(true)
         } else {
             forbidden("this Origin is not allowed (server.cors_origins)")
         }
@@ -154,15 +156,15 @@ fn bare_host(host: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// Refuses, before any route runs, a request whose `Host` or `Origin` is not allowed.
-pub(crate) fn browser_rules(api: Api) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+/// Refuses, before any route runs, a request whose `Host` or `Origin` is not allowed;
+/// extracts whether it comes from another origin (and needs CORS).
+pub(crate) fn browser_rules(api: Api) -> impl Filter<Extract = (bool,), Error = Rejection> + Clone {
     warp::header::optional::<String>("host")
         .and(warp::header::optional::<String>("origin"))
         .and_then(move |host: Option<String>, origin: Option<String>| {
             let checked = api.sites.check(host.as_deref(), origin.as_deref());
             async move { checked.map_err(Rejection::from) }
         })
-        .untuple_one()
 }
 
 #[cfg(test)]
@@ -204,8 +206,9 @@ mod tests {
     fn origins_must_be_the_servers_own_or_listed() {
         let sites = Sites::new(&[], &strings(&["https://app.example"]), true);
         let host = Some("127.0.0.1:8080");
-        assert!(sites.check(host, Some("http://127.0.0.1:8080")).is_ok());
-        assert!(sites.check(host, Some("https://app.example")).is_ok());
+        assert!(!sites.check(host, Some("http://127.0.0.1:8080")).unwrap());
+        assert!(sites.check(host, Some("https://app.example")).unwrap());
+        assert!(!sites.check(host, None).unwrap());
         for origin in [
             "http://evil.example",
             "null",

@@ -376,9 +376,12 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
     ]));
     let all = any_of(vec![v1.boxed(), health.boxed()]);
 
+    // Requests from another origin (allowed by `browser_rules`) go through CORS; the
+    // rest, including the server's own origin, are served as they are.
+    let served = all.recover(error::handle_rejection).unify().boxed();
     let origins = &api.settings.cors_origins;
-    let served = if origins.is_empty() {
-        all.recover(error::handle_rejection).unify().boxed()
+    let cross_origin = if origins.is_empty() {
+        served.clone()
     } else {
         let mut cors = warp::cors()
             .allow_methods(["GET", "POST", "PUT", "DELETE", "OPTIONS"])
@@ -389,8 +392,8 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         } else {
             cors.allow_origins(origins.iter().map(String::as_str))
         };
-        all.recover(error::handle_rejection)
-            .unify()
+        served
+            .clone()
             .with(cors)
             .map(Reply::into_response)
             // Requests that CORS refuses get the same JSON error body as the rest.
@@ -398,8 +401,26 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
             .unify()
             .boxed()
     };
-    access::browser_rules(api)
-        .and(served)
+    // A branch is skipped (not found) when the request is not of its kind.
+    let only = |want: bool| {
+        move |cross: bool| async move {
+            if cross == want {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        }
+    };
+    let rules = access::browser_rules(api);
+    let same_origin = rules
+        .clone()
+        .and_then(only(false))
+        .untuple_one()
+        .and(served);
+    let other_origin = rules.and_then(only(true)).untuple_one().and(cross_origin);
+    same_origin
+        .or(other_origin)
+        .unify()
         .recover(error::handle_rejection)
         .unify()
         .boxed()
