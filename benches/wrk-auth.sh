@@ -2,20 +2,26 @@
 # What access control costs, against one release Herald pinned to CPU 0 (load on CPU 1):
 #  1. publishing: rounds of wrk POSTs (durable, as in wrk-publish.sh) without a token,
 #     with an opaque Bearer token and with a Bearer JWT, one after the other on the same
-#     server (a token configured, default_access = "all"), and each one's rate as a
-#     share of the tokenless one in the same round;
+#     server (a token configured, default_access = "all"): each one's rate, and the
+#     server's CPU time and user-space instructions (perf) per request; instructions
+#     are what other load on a shared machine moves least, and their share of the
+#     tokenless run's in the same round is the figure to read;
 #  2. a reconnect storm: 1,000 SSE connections (`?access_token=`) opened one after the
-#     other with the same JWT, then 1,000 with a JWT each, timed, with the number of
-#     signature checks the server logged (`verified a JWT signature`).
+#     other with the same (fresh) JWT, then 1,000 with a JWT each, timed, with the number
+#     of signature checks the server logged (`verified a JWT signature`).
 #
 #   bash benches/wrk-auth.sh [ROUNDS] [SECONDS]     # make bench-auth; 4 rounds of 4 s
+#   TARGET=/v1/groups/nobody/messages bash benches/wrk-auth.sh 10 2
 #
-# Needs wrk and python3.
+# Needs wrk, perf, bc and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-4}
 SECS=${2:-4}
 PORT=${HERALD_PORT:-18341}
+# What is published to: a durable channel send by default; TARGET=/v1/groups/nobody/messages
+# (a group without members: no write, the cheapest publish) shows the check's CPU alone.
+TARGET=${TARGET:-/v1/channels/bench/messages}
 HERALD=${HERALD_BIN:-target/release/herald}
 command -v wrk >/dev/null || { echo "wrk is missing (apt-get install wrk)" >&2; exit 1; }
 [ -n "${HERALD_BIN:-}" ] || cargo build --release --quiet
@@ -47,22 +53,44 @@ done
 HERALD_LAYER__CAPACITY=100000000 RUST_LOG=warn,herald::auth=debug taskset -c 0 "$HERALD" serve \
   --config "$DIR/herald.toml" --listen "127.0.0.1:$PORT" --data-dir "$DIR/data" \
   >/dev/null 2>"$DIR/server.log" &
+SERVER=$!
 for _ in $(seq 200); do
   (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
   sleep 0.05
 done
 
+# The server's CPU time so far (user + system, all threads), in clock ticks.
+cpu() { awk '{ print $14 + $15 }' "/proc/$SERVER/stat"; }
+TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
+
+# "REQ_PER_S CPU_US_PER_REQUEST KINSTRUCTIONS_PER_REQUEST" of one wrk run with the
+# headers of $1; the instructions (user space, perf) are the steadiest of the three.
 rate() {
-  taskset -c 1 wrk -t1 -c32 -d"${SECS}s" -s "$DIR/$1.lua" "http://127.0.0.1:$PORT/v1/channels/bench/messages" \
-    | awk '/Non-2xx/ { bad = $NF } /Requests\/sec/ { rps = int($2) } END { if (bad) print "non-2xx:" bad; else print rps }'
+  local before after out requests perf instructions
+  before=$(cpu)
+  perf stat -x, -e instructions:u -p "$SERVER" -o "$DIR/perf.csv" 2>/dev/null &
+  perf=$!
+  out=$(taskset -c 1 wrk -t1 -c32 -d"${SECS}s" -s "$DIR/$1.lua" "http://127.0.0.1:$PORT$TARGET")
+  kill -INT "$perf"; wait "$perf" 2>/dev/null || true
+  after=$(cpu)
+  if grep -q Non-2xx <<<"$out"; then echo "non-2xx answers: $out" >&2; exit 1; fi
+  requests=$(awk '/requests in/ { print $1 }' <<<"$out")
+  instructions=$(awk -F, '/instructions/ { print $1 }' "$DIR/perf.csv")
+  awk -v rps="$(awk '/Requests\/sec/ { print int($2) }' <<<"$out")" \
+    -v cpu="$(( (after - before) * TICK_US ))" -v n="$requests" -v ins="${instructions:-0}" \
+    'BEGIN { printf "%d %.2f %.1f\n", rps, cpu / n, ins / n / 1000 }'
 }
 
-echo "publish, wrk -t1 -c32 -d${SECS}s, durable POST /v1/channels/bench/messages (req/s)"
-printf '%-6s %9s %9s %9s %8s %8s\n' round none token jwt token% jwt%
+echo "publish, wrk -t1 -c32 -d${SECS}s, POST $TARGET: req/s, the server's CPU (µs) and"
+echo "thousands of user-space instructions per request; the last two columns compare instructions"
+printf '%-5s %-26s %-26s %-26s %9s %9s\n' round none token jwt token/none jwt/none
 for round in $(seq "$ROUNDS"); do
-  none=$(rate none); token=$(rate token); jwt_rate=$(rate jwt)
-  printf '%-6s %9s %9s %9s %7.1f%% %7.1f%%\n' "$round" "$none" "$token" "$jwt_rate" \
-    "$(echo "100 * $token / $none" | bc -l)" "$(echo "100 * $jwt_rate / $none" | bc -l)"
+  read -r n_rps n_cpu n_ins <<<"$(rate none)"
+  read -r t_rps t_cpu t_ins <<<"$(rate token)"
+  read -r j_rps j_cpu j_ins <<<"$(rate jwt)"
+  printf '%-5s %6s %5.1fµs %6.1fk     %6s %5.1fµs %6.1fk     %6s %5.1fµs %6.1fk     %8.1f%% %8.1f%%\n' "$round" \
+    "$n_rps" "$n_cpu" "$n_ins" "$t_rps" "$t_cpu" "$t_ins" "$j_rps" "$j_cpu" "$j_ins" \
+    "$(echo "100 * $t_ins / $n_ins" | bc -l)" "$(echo "100 * $j_ins / $n_ins" | bc -l)"
 done
 
 storm() {
@@ -87,8 +115,9 @@ verified() { grep -c "verified a JWT signature" "$DIR/server.log" || true; }
 echo
 echo "reconnect storm: SSE connects, one after the other, token in ?access_token="
 before=$(verified)
+fresh=$(jwt storm)
 same=()
-for _ in $(seq 1000); do same+=("$JWT"); done
+for _ in $(seq 1000); do same+=("$fresh"); done
 echo "same JWT:     $(storm "${same[@]}"), signature checks: $(( $(verified) - before ))"
 distinct=()
 for i in $(seq 1000); do distinct+=("$(jwt "user$i")"); done
