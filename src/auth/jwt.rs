@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hashbrown::DefaultHashBuilder;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use lru::LruCache;
 use parking_lot::Mutex;
@@ -55,7 +56,7 @@ struct Key {
 pub(crate) struct Verifier {
     secret: Option<Key>,
     public: Option<Key>,
-    cache: Mutex<LruCache<String, Arc<Principal>>>,
+    cache: Mutex<LruCache<String, Arc<Principal>, DefaultHashBuilder>>,
 }
 
 impl Verifier {
@@ -102,8 +103,9 @@ impl Verifier {
         Ok(Some(Verifier {
             secret,
             public,
-            cache: Mutex::new(LruCache::new(
+            cache: Mutex::new(LruCache::with_hasher(
                 NonZeroUsize::new(CACHE_ENTRIES).expect("not zero"),
+                DefaultHashBuilder::default(),
             )),
         }))
     }

@@ -189,9 +189,15 @@ impl Policy {
                 principal: None,
             });
         };
-        let principal = match self.tokens.find(token) {
-            Some(principal) => Some(principal.clone()),
-            None => self.jwt.as_ref().and_then(|jwt| jwt.verify(token)),
+        // A JWT (three dot-separated parts) is checked as one first, so that its
+        // cached verification is not preceded by hashing it; any other secret is
+        // looked up among the opaque tokens.
+        let jwt = || self.jwt.as_ref().and_then(|jwt| jwt.verify(token));
+        let opaque = || self.tokens.find(token).cloned();
+        let principal = if token.bytes().filter(|&b| b == b'.').count() == 2 {
+            jwt().or_else(opaque)
+        } else {
+            opaque().or_else(jwt)
         };
         match principal {
             Some(principal) if principal.is_valid(SystemTime::now()) => Ok(Access {

@@ -2,11 +2,11 @@
 //! the secret. A presented token is hashed once and looked up by the first bytes of its
 //! hash; the whole hash is then compared in constant time.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hashbrown::HashMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
