@@ -155,17 +155,22 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // The file `herald serve` reads again on SIGHUP.
+    let config_file = match &cli.command {
+        Command::Serve { config, .. } => config.clone(),
+        _ => None,
+    };
     let result: Result<(), Failure> = match cli.command {
         Command::Serve {
             config,
             listen,
             data_dir,
             default_message_type,
-        } => load(config.clone(), listen, data_dir).and_then(|mut settings| {
+        } => load(config, listen, data_dir).and_then(|mut settings| {
             if let Some(default_type) = default_message_type {
                 settings.server.default_message_type = default_type;
             }
-            serve(settings, config)
+            serve(settings, config_file)
         }),
         Command::Config { config } => load(config, None, None).and_then(|settings| {
             let text = toml::to_string(&settings).map_err(|e| e.to_string())?;
