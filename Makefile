@@ -1,7 +1,7 @@
 # Herald: the two commands a newcomer needs are `make run` and `make test`.
 CARGO ?= cargo
 
-.PHONY: run test soak lint bench bench-load bench-publish bench-compare clean
+.PHONY: run test soak lint bench bench-load bench-publish bench-auth bench-compare clean
 
 # The peers' benchmark harness (Django Channels + Redis, warp hello), beside the project.
 SHARED ?= ../shared
@@ -39,6 +39,11 @@ bench-load:
 ## bench-load; prints each round and Herald's share of hello's rate.
 bench-publish:
 	SHARED=$(SHARED) bash benches/wrk-publish.sh
+
+## What access control costs: wrk publishes without a token, with a Bearer token and a
+## Bearer JWT on one server, and 1,000 SSE reconnects with one JWT (cached) and with 1,000.
+bench-auth:
+	bash benches/wrk-auth.sh
 
 ## Side-by-side comparison with the peers (warp hello, Django Channels + Redis) under the
 ## same load and pinning, with ratios ($(SHARED)/bench). The harness publishes JSON

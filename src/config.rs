@@ -35,6 +35,9 @@ pub struct Settings {
     pub storage: StorageSettings,
     /// `[layer]`: message expiry, channel capacity, size limits and replay.
     pub layer: LayerSettings,
+    /// `[auth]`: who may do what (tokens, JWT keys, the access of requests without a token).
+    #[serde(default)]
+    pub auth: AuthSettings,
 }
 
 /// `[server]`: the HTTP front end.
@@ -61,6 +64,103 @@ pub struct ServerSettings {
     /// `"type"` given to a published map that has none; empty refuses such messages
     /// (`invalid_message`), as the channel layer's message rules require.
     pub default_message_type: String,
+    /// Host names a request's `Host` may carry (port ignored), against DNS rebinding;
+    /// empty: only loopback names when listening on loopback, otherwise any.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+}
+
+/// `[auth]`: access control. Compiled and checked by [`crate::auth::Policy::new`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// What a request without a token may do; unset means "all" on a loopback-only server
+    /// without tokens or JWT keys, otherwise "none".
+    #[serde(default)]
+    pub default_access: DefaultAccess,
+    /// The opaque tokens (`[[auth.tokens]]`), each stored as the SHA-256 of its secret.
+    #[serde(default)]
+    pub tokens: Vec<TokenSettings>,
+    /// Shared secret of HS256/384/512 JWTs; empty: none accepted.
+    #[serde(default)]
+    pub jwt_secret: Secret,
+    /// PEM public key of RS256, ES256 or EdDSA JWTs; empty: none accepted.
+    #[serde(default)]
+    pub jwt_public_key_file: PathBuf,
+    /// Required `iss` of JWTs when not empty.
+    #[serde(default)]
+    pub jwt_issuer: String,
+    /// Required `aud` of JWTs when not empty.
+    #[serde(default)]
+    pub jwt_audience: String,
+}
+
+/// `auth.default_access`: the kind of access every request has, token or not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAccess {
+    /// Not set: "all" on a loopback-only server without tokens or JWT keys, else "none".
+    #[default]
+    #[serde(rename = "")]
+    Unset,
+    /// Publish and subscribe everywhere, and admin while listening on loopback only.
+    All,
+    /// Publish on every channel and group.
+    Publish,
+    /// Subscribe to every channel and group.
+    Subscribe,
+    /// Nothing: every operation but `/healthz` needs a token.
+    None,
+}
+
+/// One `[[auth.tokens]]` table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    /// A unique name, for the log and for people.
+    pub name: String,
+    /// `sha256:<64 hex>` of the secret token (`herald token new` prints it).
+    pub hash: String,
+    /// Permission patterns (`channel:GLOB`, `group:GLOB`, `*`) it may publish on.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Permission patterns it may subscribe to.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    /// Whether it may flush, back up, list and read the stats.
+    #[serde(default)]
+    pub admin: bool,
+    /// An RFC 3339 date-time after which the token is refused.
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+/// A secret setting: never shown by `Debug` or `herald config`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    /// The secret itself, for the code that uses it (and nothing that prints).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "<hidden>"
+        })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(if self.0.is_empty() { "" } else { "<hidden>" })
+    }
 }
 
 /// When an acknowledged write is on disk.
@@ -155,6 +255,7 @@ impl Settings {
                     .source(Some(setting_variables()))
                     .list_separator(",")
                     .with_list_parse_key("server.cors_origins")
+                    .with_list_parse_key("server.allowed_hosts")
                     .try_parsing(true),
             )
             .build()?
@@ -198,12 +299,29 @@ impl Settings {
                 ));
             }
         }
+        for host in &self.server.allowed_hosts {
+            if host.is_empty() || host.contains(['/', ' ']) {
+                return Err(invalid(
+                    "server.allowed_hosts",
+                    &format!("{host:?} is not a host name"),
+                ));
+            }
+        }
         self.layer.rules()?;
+        crate::auth::validate(&self.auth)?;
         Ok(())
     }
 }
 
-fn invalid(key: &str, reason: &str) -> ConfigError {
+/// Compiles a shell-style glob on full names, as every pattern of the settings uses
+/// (`[layer.channel_capacity]`, permission patterns); `key` names the setting on error.
+pub(crate) fn glob(key: &str, pattern: &str) -> Result<GlobMatcher, ConfigError> {
+    Glob::new(pattern)
+        .map(|glob| glob.compile_matcher())
+        .map_err(|e| invalid(key, &format!("bad glob pattern: {e}")))
+}
+
+pub(crate) fn invalid(key: &str, reason: &str) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
         reason: reason.to_string(),
@@ -269,9 +387,7 @@ impl LayerSettings {
                     if is_zero(*value) {
                         return Err(invalid(&key, "must be greater than 0"));
                     }
-                    let glob = Glob::new(pattern)
-                        .map_err(|e| invalid(&key, &format!("bad glob pattern: {e}")))?;
-                    Ok((glob.compile_matcher(), convert(*value)))
+                    Ok((glob(&key, pattern)?, convert(*value)))
                 })
                 .collect()
         }

@@ -91,7 +91,7 @@ pub fn import(data_dir: &Path, input: Option<&Path>) -> Result<(), String> {
 }
 
 /// `herald backup`: streams `URL/v1/admin/backup` into `out`.
-pub fn backup(url: &str, out: &Path) -> Result<(), String> {
+pub fn backup(url: &str, out: &Path, token: Option<&str>) -> Result<(), String> {
     let base = url.trim_end_matches('/');
     let endpoint = if base.ends_with("/v1/admin/backup") {
         base.to_string()
@@ -103,11 +103,15 @@ pub fn backup(url: &str, out: &Path) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     let body = runtime.block_on(async {
-        let response = reqwest::Client::builder()
+        let mut request = reqwest::Client::builder()
             .no_proxy()
             .build()
             .map_err(|e| e.to_string())?
-            .get(&endpoint)
+            .get(&endpoint);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
             .send()
             .await
             .map_err(|e| format!("cannot reach {endpoint}: {e}"))?;

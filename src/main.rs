@@ -3,9 +3,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use herald::config::Settings;
+use herald::auth;
+use herald::config::{AuthSettings, Settings, TokenSettings};
 use herald::server;
 
 mod dump;
@@ -82,10 +84,70 @@ enum Command {
         /// Where to write the dump.
         #[arg(long)]
         out: PathBuf,
+        /// A file holding an admin token (a trailing newline is not part of it), for a
+        /// server with access control.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Run load scenarios against a fresh server (or --url) and report throughput,
     /// delivery, latency, errors and server memory.
     Bench(herald::bench::Options),
+    /// Make access tokens: an opaque token for `[[auth.tokens]]`, or a JWT.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new secret token (shown only now) and the `[[auth.tokens]]` table with
+    /// its hash, to paste into the configuration file.
+    New {
+        /// The token's unique name.
+        #[arg(long)]
+        name: String,
+        /// A pattern it may publish on (`channel:GLOB`, `group:GLOB`, `*`); repeatable.
+        #[arg(long, value_name = "PATTERN")]
+        publish: Vec<String>,
+        /// A pattern it may subscribe to; repeatable.
+        #[arg(long, value_name = "PATTERN")]
+        subscribe: Vec<String>,
+        /// It may flush, back up, list and read the stats.
+        #[arg(long)]
+        admin: bool,
+        /// When it stops being valid (RFC 3339, e.g. 2027-01-01T00:00:00Z).
+        #[arg(long, value_name = "RFC3339")]
+        expires: Option<String>,
+    },
+    /// Print an HS256 JWT signed with the secret in FILE (auth.jwt_secret).
+    Jwt {
+        /// A file holding the secret; a trailing newline is not part of it.
+        #[arg(long, value_name = "FILE")]
+        secret_file: PathBuf,
+        /// The `sub` claim.
+        #[arg(long, value_name = "S")]
+        sub: Option<String>,
+        /// A pattern it may publish on; repeatable.
+        #[arg(long, value_name = "P")]
+        publish: Vec<String>,
+        /// A pattern it may subscribe to; repeatable.
+        #[arg(long, value_name = "P")]
+        subscribe: Vec<String>,
+        /// How long it is valid (e.g. 90s, 15m, 1h, 7d).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+/// A failed command: the message for stderr and the exit status.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure { code: 1, message }
+    }
 }
 
 fn main() -> ExitCode {
@@ -97,7 +159,12 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match cli.command {
+    // The file `herald serve` reads again on SIGHUP.
+    let config_file = match &cli.command {
+        Command::Serve { config, .. } => config.clone(),
+        _ => None,
+    };
+    let result: Result<(), Failure> = match cli.command {
         Command::Serve {
             config,
             listen,
@@ -109,36 +176,119 @@ fn main() -> ExitCode {
             if let Some(default_type) = default_message_type {
                 settings.server.default_message_type = default_type;
             }
-            serve(settings)
+            serve(settings, config_file)
         }),
         Command::Config { config } => load(config, None, None).and_then(|settings| {
             let text = toml::to_string(&settings).map_err(|e| e.to_string())?;
             print!("{text}");
             Ok(())
         }),
-        Command::Export { data_dir, out } => dump::export(&data_dir, out.as_deref()),
+        Command::Export { data_dir, out } => {
+            dump::export(&data_dir, out.as_deref()).map_err(Failure::from)
+        }
         Command::Import {
             data_dir,
             input,
             file,
-        } => dump::import(&data_dir, input.or(file).as_deref()),
-        Command::Backup { url, out } => dump::backup(&url, &out),
-        Command::Bench(options) => herald::bench::run(options),
+        } => dump::import(&data_dir, input.or(file).as_deref()).map_err(Failure::from),
+        Command::Backup {
+            url,
+            out,
+            token_file,
+        } => token_file
+            .map(|file| read_secret(&file))
+            .transpose()
+            .and_then(|token| dump::backup(&url, &out, token.as_deref()))
+            .map_err(Failure::from),
+        Command::Bench(options) => herald::bench::run(options).map_err(Failure::from),
+        Command::Token(command) => token(command).map_err(Failure::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("herald: {message}");
-            ExitCode::FAILURE
+        Err(failure) => {
+            eprintln!("herald: {}", failure.message);
+            ExitCode::from(failure.code)
         }
     }
+}
+
+/// `herald token new` and `herald token jwt`.
+fn token(command: TokenCommand) -> Result<(), String> {
+    match command {
+        TokenCommand::New {
+            name,
+            publish,
+            subscribe,
+            admin,
+            expires,
+        } => {
+            let secret = auth::token::generate();
+            let table = TokenSettings {
+                name,
+                hash: auth::token::hash(&secret),
+                publish,
+                subscribe,
+                admin,
+                expires,
+            };
+            let settings = AuthSettings {
+                tokens: vec![table],
+                ..AuthSettings::default()
+            };
+            auth::validate(&settings).map_err(|e| e.to_string())?;
+            #[derive(serde::Serialize)]
+            struct Tables<'a> {
+                tokens: &'a [TokenSettings],
+            }
+            #[derive(serde::Serialize)]
+            struct Auth<'a> {
+                auth: Tables<'a>,
+            }
+            let text = toml::to_string(&Auth {
+                auth: Tables {
+                    tokens: &settings.tokens,
+                },
+            })
+            .map_err(|e| e.to_string())?;
+            eprintln!(
+                "The token (shown only now; give it to its client and keep it secret), then \
+                 the table to add to the configuration file:"
+            );
+            println!("{secret}\n\n{text}");
+            Ok(())
+        }
+        TokenCommand::Jwt {
+            secret_file,
+            sub,
+            publish,
+            subscribe,
+            ttl,
+        } => {
+            let secret = read_secret(&secret_file)?;
+            let jwt = auth::mint_hs256(secret.as_bytes(), sub, publish, subscribe, ttl)?;
+            println!("{jwt}");
+            Ok(())
+        }
+    }
+}
+
+/// The secret in `file`, without the trailing newline an editor adds.
+fn read_secret(file: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let secret = text.strip_suffix('\n').unwrap_or(&text);
+    let secret = secret.strip_suffix('\r').unwrap_or(secret);
+    if secret.is_empty() {
+        return Err(format!("{} holds no secret", file.display()));
+    }
+    Ok(secret.to_string())
 }
 
 fn load(
     config: Option<PathBuf>,
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
-) -> Result<Settings, String> {
+) -> Result<Settings, Failure> {
     let mut settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
     if let Some(listen) = listen {
         settings.server.listen = listen;
@@ -150,7 +300,14 @@ fn load(
     Ok(settings)
 }
 
-fn serve(settings: Settings) -> Result<(), String> {
+fn serve(settings: Settings, config: Option<PathBuf>) -> Result<(), Failure> {
+    let loopback = settings.server.listen.ip().is_loopback();
+    if let Some(why) = auth::wide_open(&settings.auth, loopback) {
+        return Err(Failure {
+            code: 2,
+            message: why,
+        });
+    }
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async {
         // sled asserts on some damaged files: while opening, a panic is one line of
@@ -176,6 +333,17 @@ fn serve(settings: Settings) -> Result<(), String> {
         // Before announcing the address: a SIGTERM right after it shuts down cleanly.
         let shutdown =
             server::signal().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        let reload = server::Reload::install(move || {
+            Settings::load(config.as_deref()).map(|settings| settings.auth)
+        })
+        .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
+        if auth::open_to_all(&settings.auth, loopback) {
+            tracing::warn!(
+                %addr,
+                "auth.default_access = \"all\" on a non-loopback address: anyone who reaches \
+                 the port may publish and subscribe everywhere"
+            );
+        }
         tracing::info!(
             %addr,
             data_dir = %settings.storage.data_dir.display(),
@@ -183,7 +351,8 @@ fn serve(settings: Settings) -> Result<(), String> {
             "herald is serving"
         );
         println!("herald listening on http://{addr}");
-        server::run(settings, layer, listener, shutdown).await;
-        Ok(())
+        server::run(settings, layer, listener, shutdown, reload)
+            .await
+            .map_err(|e| Failure::from(e.to_string()))
     })
 }

@@ -819,12 +819,12 @@ async fn malformed_http_does_not_harm_the_server() {
         b"GARBAGE\r\n\r\n".to_vec(),
         b"GET / HTTP/9.9\r\n\r\n".to_vec(),
         b"\x00\x01\x02\x03\xff\xfe\r\n\r\n".to_vec(),
-        format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "h".repeat(1_000_000)).into_bytes(),
-        b"POST /v1/channels/victim/messages HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_vec(),
-        b"POST /v1/channels/victim/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551615\r\n\r\n".to_vec(),
-        b"POST /v1/channels/victim/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n".to_vec(),
-        b"POST /v1/channels/victim/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello".to_vec(),
-        b"POST /v1/channels/victim/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(),
+        format!("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {}\r\n\r\n", "h".repeat(1_000_000)).into_bytes(),
+        b"POST /v1/channels/victim/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n".to_vec(),
+        b"POST /v1/channels/victim/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 18446744073709551615\r\n\r\n".to_vec(),
+        b"POST /v1/channels/victim/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99999999999999999999999\r\n\r\n".to_vec(),
+        b"POST /v1/channels/victim/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello".to_vec(),
+        b"POST /v1/channels/victim/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(),
     ];
     for request in garbage {
         let mut stream = TcpStream::connect(&server.addr).await.unwrap();
@@ -852,7 +852,7 @@ async fn malformed_http_does_not_harm_the_server() {
     }
     // A connection that sends half a request and goes away.
     let mut half = TcpStream::connect(&server.addr).await.unwrap();
-    half.write_all(b"POST /v1/channels/victim/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"type\"")
+    half.write_all(b"POST /v1/channels/victim/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{\"type\"")
         .await
         .unwrap();
     drop(half);

@@ -1034,7 +1034,9 @@ async fn a_long_poll_abandoned_by_its_client_takes_no_message() {
     let api = Api::new(&server);
     let mut stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
     stream
-        .write_all(b"GET /v1/channels/abandoned/messages?wait=20 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(
+            b"GET /v1/channels/abandoned/messages?wait=20 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -228,7 +228,7 @@ async fn clients_that_hold_on_cannot_delay_the_exit_past_the_shutdown_timeout() 
     // ...a request whose body never finishes...
     let mut half = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
     half.write_all(
-        b"POST /v1/channels/half/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"type\":",
+        b"POST /v1/channels/half/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"type\":",
     )
     .await
     .unwrap();

@@ -704,8 +704,9 @@ async fn read_until(stream: &mut tokio::net::TcpStream, text: &str) -> String {
 async fn a_stream_that_opens_its_connection_ends_with_it_and_others_are_chunked() {
     let server = Server::start().await;
     let api = Api::new(&server);
-    let get =
-        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
+    let get = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n")
+    };
     // First request on its connection, whole in one packet: served directly, the body
     // ends with the connection.
     let mut direct = raw_request(&server, &[&get("/v1/channels/wire/events")]).await;
@@ -730,7 +731,7 @@ async fn a_stream_that_opens_its_connection_ends_with_it_and_others_are_chunked(
     let mut reused = raw_request(
         &server,
         &[
-            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
             &get("/v1/channels/wire/events"),
         ],
     )
@@ -768,7 +769,7 @@ async fn a_stream_request_that_comes_in_pieces_is_served_too() {
         &server,
         &[
             "GET /v1/channels/pieces/ev",
-            "ents HTTP/1.1\r\nHost: x\r\n",
+            "ents HTTP/1.1\r\nHost: 127.0.0.1\r\n",
             "\r\n",
         ],
     )
@@ -785,7 +786,7 @@ async fn a_refused_stream_on_its_own_connection_gets_a_json_error_with_its_lengt
     let server = Server::start().await;
     let mut stream = raw_request(
         &server,
-        &["GET /v1/channels/bad%20name/events HTTP/1.1\r\nHost: x\r\n\r\n"],
+        &["GET /v1/channels/bad%20name/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"],
     )
     .await;
     let response = read_until(&mut stream, "\u{0}never").await;
@@ -811,7 +812,7 @@ async fn a_client_that_stops_reading_is_disconnected_and_frees_its_slot() {
     // A stream that is never read: its socket buffers fill and the server's write stalls.
     let mut stuck = raw_request(
         &server,
-        &["GET /v1/channels/stuck/events HTTP/1.1\r\nHost: x\r\n\r\n"],
+        &["GET /v1/channels/stuck/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"],
     )
     .await;
     let pad = "p".repeat(30_000);

@@ -6,6 +6,10 @@
 //! The browser is driven over the Chrome DevTools protocol (`Runtime.evaluate` on the
 //! page's WebSocket). Without a Chromium on the PATH the test says so and passes, unless
 //! `HERALD_REQUIRE_BROWSER` is set (CI sets it, after installing `chromium`).
+//!
+//! With access control on, a page of an allowed origin subscribes with `EventSource` and
+//! a JWT in `?access_token=` and receives; a page of another origin gets nothing and
+//! changes nothing.
 
 mod common;
 
@@ -282,4 +286,103 @@ async fn chromium_event_source_gets_what_it_missed_across_a_kill_with_last_event
         json!([[sent[0], msg(1)], [sent[1], msg(2)], [third, msg(3)]])
     );
     assert_eq!(browser.eval("window.state.opens").await, json!(2));
+}
+
+/// A page that subscribes with `EventSource` and a JWT in `?access_token=`, and tries
+/// to flush and to publish with no-cors requests, which a page of another origin can
+/// always send.
+fn token_page_html(herald: &str, jwt: &str) -> String {
+    format!(
+        r#"<!doctype html>
+<title>herald</title>
+<script>
+window.state = {{opens: 0, errors: 0, events: [], posts: 0}};
+const es = new EventSource("{herald}/v1/channels/user.42/events?access_token={jwt}");
+es.onopen = () => window.state.opens++;
+es.onerror = () => window.state.errors++;
+es.onmessage = (e) => window.state.events.push([e.lastEventId, JSON.parse(e.data)]);
+const post = (path) => fetch("{herald}" + path + "?access_token={jwt}",
+    {{method: "POST", mode: "no-cors", body: "from the page"}})
+  .finally(() => window.state.posts++);
+post("/v1/flush");
+post("/v1/channels/user.42/messages");
+</script>"#
+    )
+}
+
+#[tokio::test]
+async fn chromium_event_source_with_a_jwt_receives_on_an_allowed_origin_only() {
+    let Some(binary) = chromium() else {
+        assert!(
+            std::env::var_os("HERALD_REQUIRE_BROWSER").is_none(),
+            "HERALD_REQUIRE_BROWSER is set but no chromium is on the PATH"
+        );
+        eprintln!("skipped: no chromium on the PATH (apt-get install chromium)");
+        return;
+    };
+    let allowed_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let allowed_origin = format!("http://{}", allowed_listener.local_addr().unwrap());
+    let denied_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let denied_origin = format!("http://{}", denied_listener.local_addr().unwrap());
+    let secret = "browser-jwt-secret";
+    let config = format!(
+        "[server]\ncors_origins = [\"{allowed_origin}\"]\n[auth]\njwt_secret = \"{secret}\"\n"
+    );
+    let server = Server::start_with(&config).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let backend_jwt = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"exp": exp, "herald": {"publish": ["*"], "subscribe": ["*"], "admin": true}}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    // The browser user may read channel:user.42 and nothing else.
+    let user_jwt = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"exp": exp, "sub": "42", "herald": {"subscribe": ["channel:user.42"]}}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let backend = Api::with_token(&server, &backend_jwt);
+    backend.send("keep", &msg(0)).await;
+
+    serve_page(allowed_listener, token_page_html(&server.base, &user_jwt));
+    serve_page(denied_listener, token_page_html(&server.base, &user_jwt));
+    let mut allowed = Browser::open(&binary, &format!("{allowed_origin}/")).await;
+    let mut denied = Browser::open(&binary, &format!("{denied_origin}/")).await;
+    allowed
+        .wait_until(
+            "window.state?.opens === 1 && window.state.posts === 2",
+            Duration::from_secs(20),
+        )
+        .await;
+    denied
+        .wait_until(
+            "window.state?.errors >= 1 && window.state.posts === 2",
+            Duration::from_secs(20),
+        )
+        .await;
+
+    let id = backend.send("user.42", &msg(1)).await;
+    allowed
+        .wait_until("window.state.events.length === 1", T)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        allowed.eval("window.state.events").await,
+        json!([[id, msg(1)]])
+    );
+    assert_eq!(denied.eval("window.state.events").await, json!([]));
+    assert_eq!(denied.eval("window.state.opens").await, json!(0));
+    // Neither page could flush or publish: the JWT only subscribes, and the other
+    // origin is refused before anything runs.
+    assert_eq!(backend.drain("keep").await.len(), 1, "nothing was flushed");
+    assert!(
+        backend.drain("user.42").await.is_empty(),
+        "nothing was published"
+    );
 }

@@ -4,10 +4,11 @@ use std::convert::Infallible;
 
 use warp::Rejection;
 use warp::http::StatusCode;
-use warp::http::header::{CONNECTION, HeaderValue, RETRY_AFTER};
+use warp::http::header::{CONNECTION, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use warp::reply::Response;
 
 use super::reply::{Doc, Format, respond};
+use crate::auth::Denied;
 use crate::layer;
 use crate::message::MessageError;
 use crate::store::StoreError;
@@ -23,7 +24,11 @@ pub enum ErrorKind {
     InvalidBody,
     /// 400 `invalid_parameter`: a bad query parameter, header or WebSocket request field.
     InvalidParameter,
-    /// 403 `forbidden`: a CORS request from an origin that is not allowed.
+    /// 401 `unauthorized`: no token where one is needed, or one that is unknown,
+    /// malformed, expired or badly signed; sent with `WWW-Authenticate`.
+    Unauthorized,
+    /// 403 `forbidden`: a token without the permission, or a Host or Origin (CORS)
+    /// that is not allowed.
     Forbidden,
     /// 404 `not_found`: no route has this path.
     NotFound,
@@ -50,6 +55,7 @@ impl ErrorKind {
             ErrorKind::InvalidMessage => "invalid_message",
             ErrorKind::InvalidBody => "invalid_body",
             ErrorKind::InvalidParameter => "invalid_parameter",
+            ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::Forbidden => "forbidden",
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
@@ -68,6 +74,7 @@ impl ErrorKind {
             | ErrorKind::InvalidMessage
             | ErrorKind::InvalidBody
             | ErrorKind::InvalidParameter => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -119,6 +126,12 @@ impl ApiError {
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        if self.kind == ErrorKind::Unauthorized {
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"herald\""),
+            );
+        }
         if self.kind == ErrorKind::MessageTooLarge {
             // The body may be left unread, and then the connection cannot serve another
             // request: say so, or keep-alive clients reuse it and their next request fails.
@@ -149,6 +162,15 @@ impl From<layer::Error> for ApiError {
             }
         };
         ApiError::new(kind, e.to_string())
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(denied: Denied) -> Self {
+        match denied {
+            Denied::Unauthorized(why) => ApiError::new(ErrorKind::Unauthorized, why),
+            Denied::Forbidden(why) => ApiError::new(ErrorKind::Forbidden, why),
+        }
     }
 }
 

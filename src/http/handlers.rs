@@ -1,5 +1,6 @@
-//! Handlers of the plain HTTP routes: each admits the request, calls the layer once,
-//! and answers with a document or an error.
+//! Handlers of the plain HTTP routes: each checks the caller's access first (so that a
+//! refused request changes nothing and learns nothing), admits the request, calls the
+//! layer once, and answers with a document or an error.
 
 use std::time::Duration;
 
@@ -7,19 +8,26 @@ use warp::Rejection;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use super::access::Credentials;
 use super::error::{ApiError, ErrorKind};
 use super::reply::{Doc, Field, Format, empty, respond};
-use super::{Api, Query};
-use crate::message::Message;
+use super::{Api, MessageBody, Query};
+use crate::auth::{Need, Target};
 
 /// POST /v1/channels/{channel}/messages
 pub async fn send(
     channel: String,
     format: Format,
-    message: Message,
+    body: MessageBody,
+    credentials: Credentials,
     api: Api,
 ) -> Result<Response, Rejection> {
+    api.authorize(
+        &credentials,
+        &[Need::Publish(Target::Channel(channel.clone()))],
+    )?;
     let _permit = api.admit()?;
+    let message = body.read(&api).await?;
     let id = api
         .layer
         .send(&channel, message)
@@ -56,8 +64,13 @@ pub async fn receive(
     channel: String,
     format: Format,
     query: Query,
+    credentials: Credentials,
     api: Api,
 ) -> Result<Response, Rejection> {
+    api.authorize(
+        &credentials,
+        &[Need::Subscribe(Target::Channel(channel.clone()))],
+    )?;
     let _permit = api.admit()?;
     let wait = parse_wait(query.get("wait"), api.settings.max_wait_secs)?;
     let received = tokio::select! {
@@ -78,12 +91,22 @@ pub async fn receive(
 }
 
 /// POST /v1/channels?prefix=P
-pub async fn new_channel(format: Format, query: Query, api: Api) -> Result<Response, Rejection> {
+pub async fn new_channel(
+    format: Format,
+    query: Query,
+    credentials: Credentials,
+    api: Api,
+) -> Result<Response, Rejection> {
+    let prefix = query
+        .get("prefix")
+        .filter(|p| !p.is_empty())
+        .unwrap_or("specific");
+    api.authorize(
+        &credentials,
+        &[Need::Subscribe(Target::ChannelsUnder(prefix.to_string()))],
+    )?;
     let _permit = api.admit()?;
-    let name = api
-        .layer
-        .new_channel(query.get("prefix").unwrap_or("specific"))
-        .map_err(ApiError::from)?;
+    let name = api.layer.new_channel(prefix).map_err(ApiError::from)?;
     Ok(respond(
         format,
         StatusCode::CREATED,
@@ -92,34 +115,57 @@ pub async fn new_channel(format: Format, query: Query, api: Api) -> Result<Respo
 }
 
 /// GET /v1/channels: channels with pending messages or waiting receivers.
-pub fn list_channels(format: Format, api: Api) -> Response {
+pub async fn list_channels(
+    format: Format,
+    credentials: Credentials,
+    api: Api,
+) -> Result<Response, Rejection> {
+    api.authorize(&credentials, &[Need::Admin])?;
     let channels = api.layer.channels();
     let json = serde_json::to_value(&channels).unwrap_or_default();
-    respond(
+    Ok(respond(
         format,
         StatusCode::OK,
         Doc::new().field("channels", Field::Value(json_to_msgpack(&json))),
-    )
+    ))
 }
 
 /// GET /v1/groups: groups with their current members.
-pub fn list_groups(format: Format, api: Api) -> Response {
+pub async fn list_groups(
+    format: Format,
+    credentials: Credentials,
+    api: Api,
+) -> Result<Response, Rejection> {
+    api.authorize(&credentials, &[Need::Admin])?;
     let json = serde_json::to_value(api.layer.groups()).unwrap_or_default();
-    respond(
+    Ok(respond(
         format,
         StatusCode::OK,
         Doc::new().field("groups", Field::Value(json_to_msgpack(&json))),
-    )
+    ))
 }
 
 /// GET /v1/stats: totals.
-pub fn stats(format: Format, api: Api) -> Response {
+pub async fn stats(
+    format: Format,
+    credentials: Credentials,
+    api: Api,
+) -> Result<Response, Rejection> {
+    api.authorize(&credentials, &[Need::Admin])?;
     let json = serde_json::to_value(api.layer.stats()).unwrap_or_default();
-    respond(
+    Ok(respond(
         format,
         StatusCode::OK,
         Doc::new().field("stats", Field::Value(json_to_msgpack(&json))),
-    )
+    ))
+}
+
+/// What group_add and group_discard of `channel` in `group` need.
+pub fn membership(group: &str, channel: &str) -> [Need; 2] {
+    [
+        Need::Subscribe(Target::Group(group.to_string())),
+        Need::Subscribe(Target::Channel(channel.to_string())),
+    ]
 }
 
 fn json_to_msgpack(json: &serde_json::Value) -> rmpv::Value {
@@ -127,7 +173,13 @@ fn json_to_msgpack(json: &serde_json::Value) -> rmpv::Value {
 }
 
 /// PUT /v1/groups/{group}/channels/{channel}
-pub async fn group_add(group: String, channel: String, api: Api) -> Result<Response, Rejection> {
+pub async fn group_add(
+    group: String,
+    channel: String,
+    credentials: Credentials,
+    api: Api,
+) -> Result<Response, Rejection> {
+    api.authorize(&credentials, &membership(&group, &channel))?;
     let _permit = api.admit()?;
     api.layer
         .group_add(&group, &channel)
@@ -140,8 +192,10 @@ pub async fn group_add(group: String, channel: String, api: Api) -> Result<Respo
 pub async fn group_discard(
     group: String,
     channel: String,
+    credentials: Credentials,
     api: Api,
 ) -> Result<Response, Rejection> {
+    api.authorize(&credentials, &membership(&group, &channel))?;
     let _permit = api.admit()?;
     api.layer
         .group_discard(&group, &channel)
@@ -151,7 +205,13 @@ pub async fn group_discard(
 }
 
 /// GET /v1/groups/{group}/channels
-pub async fn members(group: String, format: Format, api: Api) -> Result<Response, Rejection> {
+pub async fn members(
+    group: String,
+    format: Format,
+    credentials: Credentials,
+    api: Api,
+) -> Result<Response, Rejection> {
+    api.authorize(&credentials, &[Need::Admin])?;
     let channels = api.layer.group_members(&group).map_err(ApiError::from)?;
     Ok(respond(
         format,
@@ -166,10 +226,13 @@ pub async fn members(group: String, format: Format, api: Api) -> Result<Response
 pub async fn group_send(
     group: String,
     format: Format,
-    message: Message,
+    body: MessageBody,
+    credentials: Credentials,
     api: Api,
 ) -> Result<Response, Rejection> {
+    api.authorize(&credentials, &[Need::Publish(Target::Group(group.clone()))])?;
     let _permit = api.admit()?;
+    let message = body.read(&api).await?;
     let report = api
         .layer
         .group_send(&group, message)
@@ -186,7 +249,8 @@ pub async fn group_send(
 }
 
 /// GET /v1/admin/backup: a consistent dump of everything, one JSON object per line.
-pub async fn backup(api: Api) -> Result<Response, Rejection> {
+pub async fn backup(credentials: Credentials, api: Api) -> Result<Response, Rejection> {
+    api.authorize(&credentials, &[Need::Admin])?;
     let _permit = api.admit()?;
     let layer = api.layer.clone();
     let dump = tokio::task::spawn_blocking(move || {
@@ -208,7 +272,8 @@ pub async fn backup(api: Api) -> Result<Response, Rejection> {
 }
 
 /// POST /v1/flush
-pub async fn flush(api: Api) -> Result<Response, Rejection> {
+pub async fn flush(credentials: Credentials, api: Api) -> Result<Response, Rejection> {
+    api.authorize(&credentials, &[Need::Admin])?;
     let _permit = api.admit()?;
     api.layer.flush().await.map_err(ApiError::from)?;
     Ok(empty(StatusCode::NO_CONTENT))

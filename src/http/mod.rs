@@ -2,6 +2,7 @@
 //! Every route is a thin call into the [`ChannelLayer`]; every failure goes through
 //! [`error::handle_rejection`], the one place that picks status codes.
 
+mod access;
 pub mod body;
 pub mod error;
 mod handlers;
@@ -10,9 +11,13 @@ mod sse;
 pub mod subscription;
 mod ws;
 
+use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use bytes::Bytes;
+use futures_util::Stream;
+use parking_lot::RwLock;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warp::filters::BoxedFilter;
@@ -20,7 +25,8 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::config::ServerSettings;
+use crate::auth::Policy;
+use crate::config::{AuthSettings, ConfigError, ServerSettings};
 use crate::layer::ChannelLayer;
 use error::{ApiError, ErrorKind};
 use reply::Format;
@@ -29,8 +35,8 @@ use reply::Format;
 #[derive(Clone)]
 pub struct Api(Arc<ApiState>);
 
-/// The layer, the settings, the shutdown signal, the connection budget and the running
-/// subscriptions.
+/// The layer, the settings, the access policy, the shutdown signal, the connection
+/// budget and the running subscriptions.
 pub struct ApiState {
     /// The channel layer every route calls into.
     pub layer: ChannelLayer,
@@ -40,22 +46,55 @@ pub struct ApiState {
     pub shutdown: CancellationToken,
     connections: Arc<Semaphore>,
     streams: Arc<subscription::Registry>,
+    /// The `[auth]` settings in force; replaced whole on a reload.
+    policy: RwLock<Arc<Policy>>,
+    /// Woken when the policy is replaced, so that streams it no longer allows end.
+    policy_changed: Notify,
+    /// Whether the server listens on loopback only (it decides the defaults).
+    loopback: bool,
+    sites: access::Sites,
     /// Clean-up that outlives a request (leaving the groups of a closed stream): the
     /// shutdown waits for it before its final flush.
     pub background: TaskTracker,
 }
 
 impl Api {
-    /// The API over `layer`, with a connection budget of `settings.max_connections`.
-    pub fn new(layer: ChannelLayer, settings: ServerSettings, shutdown: CancellationToken) -> Self {
-        Api(Arc::new(ApiState {
+    /// The API over `layer`, with a connection budget of `settings.max_connections` and
+    /// the access control of `auth`.
+    pub fn new(
+        layer: ChannelLayer,
+        settings: ServerSettings,
+        auth: &AuthSettings,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ConfigError> {
+        let loopback = settings.listen.ip().is_loopback();
+        Ok(Api(Arc::new(ApiState {
             layer,
             connections: Arc::new(Semaphore::new(settings.max_connections)),
+            policy: RwLock::new(Arc::new(Policy::new(auth, loopback)?)),
+            policy_changed: Notify::new(),
+            loopback,
+            sites: access::Sites::new(&settings.allowed_hosts, &settings.cors_origins, loopback),
             settings: Arc::new(settings),
             shutdown,
             streams: Arc::default(),
             background: TaskTracker::new(),
-        }))
+        })))
+    }
+
+    /// Replaces the access control with `auth` (SIGHUP). Settings that do not compile
+    /// leave the old ones in force. Streams the new ones do not allow end within a second.
+    pub fn reload_auth(&self, auth: &AuthSettings) -> Result<(), ConfigError> {
+        let policy = Policy::new(auth, self.loopback)?;
+        tracing::info!(tokens = policy.token_count(), "access control reloaded");
+        *self.policy.write() = Arc::new(policy);
+        self.policy_changed.notify_one();
+        Ok(())
+    }
+
+    /// The access control in force.
+    fn policy(&self) -> Arc<Policy> {
+        self.policy.read().clone()
     }
 
     /// A slot for one request or stream, or `unavailable` when the server is at
@@ -142,25 +181,41 @@ fn with_api(api: Api) -> impl Filter<Extract = (Api,), Error = std::convert::Inf
     warp::any().map(move || api.clone())
 }
 
-/// Reads and decodes a message body, refusing oversized ones before reading them whole.
-fn message_body(
-    api: Api,
-) -> impl Filter<Extract = (crate::message::Message,), Error = Rejection> + Clone {
+/// A message body not read yet: the handler reads it once the caller is allowed.
+pub struct MessageBody {
+    content_type: Option<String>,
+    length: Option<u64>,
+    stream: Pin<Box<dyn Stream<Item = Result<Bytes, warp::Error>> + Send>>,
+}
+
+impl MessageBody {
+    /// Reads and decodes the message, refusing an oversized body before reading it whole.
+    async fn read(self, api: &Api) -> Result<crate::message::Message, ApiError> {
+        let limit = body::body_limit(api.layer.max_message_bytes());
+        let bytes = body::read_limited(self.length, self.stream, limit).await?;
+        let kind = body::BodyKind::from_content_type(self.content_type.as_deref());
+        body::decode_message(kind, &bytes, api.default_type())
+    }
+}
+
+/// The request's message body, unread.
+fn message_body() -> impl Filter<Extract = (MessageBody,), Error = Rejection> + Clone {
     warp::header::optional::<String>("content-type")
         .and(warp::header::optional::<u64>("content-length"))
         .and(warp::body::stream())
-        .and_then(
-            move |content_type: Option<String>, length: Option<u64>, stream| {
-                let limit = body::body_limit(api.layer.max_message_bytes());
-                let api = api.clone();
-                async move {
-                    let bytes = body::read_limited(length, Box::pin(stream), limit).await?;
-                    let kind = body::BodyKind::from_content_type(content_type.as_deref());
-                    body::decode_message(kind, &bytes, api.default_type())
-                        .map_err(warp::reject::custom)
-                }
-            },
-        )
+        .map(|content_type, length, stream| {
+            let stream = futures_util::StreamExt::map(stream, |chunk: Result<_, warp::Error>| {
+                chunk.map(|mut chunk| {
+                    let n = bytes::Buf::remaining(&chunk);
+                    bytes::Buf::copy_to_bytes(&mut chunk, n)
+                })
+            });
+            MessageBody {
+                content_type,
+                length,
+                stream: Box::pin(stream),
+            }
+        })
 }
 
 /// Joins routes with `or`, each boxed first, which keeps the filter types (and build
@@ -172,7 +227,8 @@ fn any_of(routes: Vec<BoxedFilter<(Response,)>>) -> BoxedFilter<(Response,)> {
         .expect("there are routes")
 }
 
-/// Every route of the API, with CORS when configured and errors mapped to JSON.
+/// Every route of the API, behind the Host and Origin rules, with CORS when configured
+/// and errors mapped to JSON.
 ///
 /// Routes are grouped under their common path prefix (`/v1/channels`, `/v1/groups`), so
 /// a request is matched against its own few routes, the publishing ones first, instead
@@ -186,13 +242,15 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
     let send = channel_messages
         .and(warp::post())
         .and(format())
-        .and(message_body(api.clone()))
+        .and(message_body())
+        .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::send);
     let receive = channel_messages
         .and(warp::get())
         .and(format())
         .and(query())
+        .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::receive);
     let channel_events = warp::path!(String / "events")
@@ -200,43 +258,51 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(sse::last_event_id())
         .and(query())
+        .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(sse::channel_events);
     let new_channel = warp::path::end()
         .and(warp::post())
         .and(format())
         .and(query())
+        .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::new_channel);
     let list_channels = warp::path::end()
         .and(warp::get())
         .and(format())
+        .and(access::credentials())
         .and(with_api(api.clone()))
-        .map(handlers::list_channels);
+        .and_then(handlers::list_channels);
     let group_add = group_members
         .and(warp::put())
+        .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::group_add);
     let group_discard = group_members
         .and(warp::delete())
+        .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::group_discard);
     let members = warp::path!(String / "channels")
         .map(segment)
         .and(warp::get())
         .and(format())
+        .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::members);
     let list_groups = warp::path::end()
         .and(warp::get())
         .and(format())
+        .and(access::credentials())
         .and(with_api(api.clone()))
-        .map(handlers::list_groups);
+        .and_then(handlers::list_groups);
     let group_send = warp::path!(String / "messages")
         .map(segment)
         .and(warp::post())
         .and(format())
-        .and(message_body(api.clone()))
+        .and(message_body())
+        .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::group_send);
     let group_events = warp::path!(String / "events")
@@ -244,32 +310,38 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(sse::last_event_id())
         .and(query())
+        .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(sse::group_events);
     let multi_events = warp::path!("events")
         .and(warp::get())
         .and(sse::last_event_id())
         .and(query())
+        .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(sse::multi_group_events);
     let websocket = warp::path!("ws")
         .and(warp::get())
         .and(ws::handshake())
+        .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(ws::upgrade);
     let flush = warp::path!("flush")
         .and(warp::post())
+        .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::flush);
     let backup = warp::path!("admin" / "backup")
         .and(warp::get())
+        .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::backup);
     let stats = warp::path!("stats")
         .and(warp::get())
         .and(format())
+        .and(access::credentials())
         .and(with_api(api.clone()))
-        .map(handlers::stats);
+        .and_then(handlers::stats);
     let health = warp::path!("healthz").and(warp::get()).map(|| {
         reply::respond(
             Format::Json,
@@ -304,26 +376,52 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
     ]));
     let all = any_of(vec![v1.boxed(), health.boxed()]);
 
+    // Requests from another origin (allowed by `browser_rules`) go through CORS; the
+    // rest, including the server's own origin, are served as they are.
+    let served = all.recover(error::handle_rejection).unify().boxed();
     let origins = &api.settings.cors_origins;
-    if origins.is_empty() {
-        all.recover(error::handle_rejection).unify().boxed()
+    let cross_origin = if origins.is_empty() {
+        served.clone()
     } else {
         let mut cors = warp::cors()
             .allow_methods(["GET", "POST", "PUT", "DELETE", "OPTIONS"])
-            .allow_headers(["content-type", "accept", "last-event-id"])
+            .allow_headers(["content-type", "accept", "last-event-id", "authorization"])
             .expose_headers(["retry-after"]);
         cors = if origins.iter().any(|o| o == "*") {
             cors.allow_any_origin()
         } else {
             cors.allow_origins(origins.iter().map(String::as_str))
         };
-        all.recover(error::handle_rejection)
-            .unify()
+        served
+            .clone()
             .with(cors)
             .map(Reply::into_response)
             // Requests that CORS refuses get the same JSON error body as the rest.
             .recover(error::handle_rejection)
             .unify()
             .boxed()
-    }
+    };
+    // A branch is skipped (not found) when the request is not of its kind.
+    let only = |want: bool| {
+        move |cross: bool| async move {
+            if cross == want {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        }
+    };
+    let rules = access::browser_rules(api);
+    let same_origin = rules
+        .clone()
+        .and_then(only(false))
+        .untuple_one()
+        .and(served);
+    let other_origin = rules.and_then(only(true)).untuple_one().and(cross_origin);
+    same_origin
+        .or(other_origin)
+        .unify()
+        .recover(error::handle_rejection)
+        .unify()
+        .boxed()
 }

@@ -18,10 +18,12 @@ use warp::reply::Response;
 use warp::sse::Event;
 use warp::{Filter, Rejection, Reply};
 
+use super::access::Credentials;
 use super::error::{ApiError, ErrorKind};
 use super::reply::Doc;
 use super::subscription::{Push, Spec, Subscription};
 use super::{Api, Query};
+use crate::auth::{Held, Need, Target};
 use crate::layer::names;
 
 /// How long a browser turned away at the connection limit waits before retrying.
@@ -145,8 +147,11 @@ pub async fn channel_events(
     channel: String,
     last_event_id: Option<String>,
     query: Query,
+    credentials: Credentials,
     api: Api,
 ) -> Result<Response, Rejection> {
+    let needs = vec![Need::Subscribe(Target::Channel(channel.clone()))];
+    let access = api.authorize(&credentials, &needs)?;
     names::check_channel(&channel).map_err(ApiError::from)?;
     let last_event_id = resume_after(last_event_id, Some(&query))?;
     let Ok(permit) = api.admit() else {
@@ -157,6 +162,7 @@ pub async fn channel_events(
         last_event_id,
         groups: Vec::new(),
         ephemeral: false,
+        held: Held::new(credentials.token()?, &access, needs),
     };
     stream(&api, spec, permit)
 }
@@ -166,15 +172,17 @@ pub async fn group_events(
     group: String,
     last_event_id: Option<String>,
     query: Query,
+    credentials: Credentials,
     api: Api,
 ) -> Result<Response, Rejection> {
-    joined_stream(vec![group], last_event_id, query, api).await
+    joined_stream(vec![group], last_event_id, query, credentials, api).await
 }
 
 /// GET /v1/events?group=A&group=B&channel=C
 pub async fn multi_group_events(
     last_event_id: Option<String>,
     query: Query,
+    credentials: Credentials,
     api: Api,
 ) -> Result<Response, Rejection> {
     let groups = query.all("group");
@@ -183,7 +191,7 @@ pub async fn multi_group_events(
             ApiError::new(ErrorKind::InvalidParameter, "at least one group= is needed").into(),
         );
     }
-    joined_stream(groups, last_event_id, query, api).await
+    joined_stream(groups, last_event_id, query, credentials, api).await
 }
 
 /// Joins `groups` with `?channel=` (or a fresh channel, discarded at the end) and
@@ -192,8 +200,19 @@ async fn joined_stream(
     groups: Vec<String>,
     last_event_id: Option<String>,
     query: Query,
+    credentials: Credentials,
     api: Api,
 ) -> Result<Response, Rejection> {
+    let mut needs: Vec<Need> = groups
+        .iter()
+        .map(|g| Need::Subscribe(Target::Group(g.clone())))
+        .collect();
+    needs.extend(
+        query
+            .get("channel")
+            .map(|c| Need::Subscribe(Target::Channel(c.to_string()))),
+    );
+    let access = api.authorize(&credentials, &needs)?;
     for group in &groups {
         names::check_group(group).map_err(ApiError::from)?;
     }
@@ -219,6 +238,7 @@ async fn joined_stream(
         last_event_id,
         groups,
         ephemeral,
+        held: Held::new(credentials.token()?, &access, needs),
     };
     stream(&api, spec, permit)
 }

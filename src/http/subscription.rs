@@ -23,6 +23,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 use super::Api;
+use crate::auth::{Held, Policy};
 use crate::layer::{self, Gap, Receiver, Revoker};
 use crate::message::Message;
 
@@ -46,7 +47,13 @@ pub struct Spec {
     pub groups: Vec<String>,
     /// The channel was made for this subscription: leave its groups and delete it at the end.
     pub ephemeral: bool,
+    /// What the subscription was allowed, checked again on reloads and at its token's expiry.
+    pub held: Held,
 }
+
+/// How often subscriptions whose token has expired are looked for: an expired token's
+/// streams end within this time.
+const EXPIRY_CHECK: Duration = Duration::from_millis(250);
 
 /// The running subscriptions, by channel, so that a resuming one can cut the others
 /// off and the watchdog can find the stalled ones.
@@ -61,6 +68,7 @@ struct Running {
     id: u64,
     revoker: Revoker,
     progress: Arc<Progress>,
+    held: Held,
     /// The watchdog's view: the poll count at its last look, and since when the
     /// subscription has been stalled.
     seen_polls: u64,
@@ -76,6 +84,8 @@ struct Progress {
     handed_out: AtomicBool,
     /// The watchdog ended it because its client did not read.
     too_slow: AtomicBool,
+    /// It ended because the access control no longer allows it.
+    lost_access: AtomicBool,
 }
 
 impl Registry {
@@ -111,6 +121,26 @@ impl Registry {
                 map.remove(channel);
             }
         }
+    }
+
+    /// Cuts off the subscriptions `policy` no longer allows: all of them are checked
+    /// after a reload (`everything`), otherwise those whose token has expired.
+    fn cut_off_disallowed(&self, policy: &Arc<Policy>, everything: bool) {
+        let now = std::time::SystemTime::now();
+        let mut map = self.running.lock();
+        for list in map.values_mut() {
+            list.retain(|sub| {
+                let due = everything || sub.held.expires.is_some_and(|at| at <= now);
+                if !due || policy.still_allows(&sub.held) {
+                    return true;
+                }
+                tracing::info!("ending a stream that the access control no longer allows");
+                sub.progress.lost_access.store(true, Ordering::Relaxed);
+                sub.revoker.revoke();
+                false
+            });
+        }
+        map.retain(|_, list| !list.is_empty());
     }
 
     /// Cuts off the subscriptions that had something to hand over (an item taken, or
@@ -159,10 +189,25 @@ pub async fn watchdog(api: Api) {
     api.streams.cut_off_all();
 }
 
+/// Ends the subscriptions that the access control no longer allows: every one after a
+/// reload, and those of expired tokens within [`EXPIRY_CHECK`].
+pub async fn access_watch(api: Api) {
+    let mut ticks = tokio::time::interval(EXPIRY_CHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let everything = tokio::select! {
+            _ = api.shutdown.cancelled() => return,
+            _ = api.policy_changed.notified() => true,
+            _ = ticks.tick() => false,
+        };
+        api.streams.cut_off_disallowed(&api.policy(), everything);
+    }
+}
+
 /// A channel's messages for one client, as a stream: first the replay after the last
 /// event id (with a gap when some are gone), then live messages as they arrive. It ends
-/// when its receiver is revoked: on shutdown, take-over, a stalled client, or a
-/// WebSocket unsubscribe.
+/// when its receiver is revoked: on shutdown, take-over, a stalled client, lost access,
+/// or a WebSocket unsubscribe.
 pub struct Subscription {
     api: Api,
     spec: Spec,
@@ -204,6 +249,7 @@ impl Subscription {
                 id,
                 revoker: receiver.revoker(),
                 progress: progress.clone(),
+                held: spec.held.clone(),
                 seen_polls: 0,
                 stalled_since: None,
             },
@@ -235,6 +281,11 @@ impl Subscription {
     /// Whether it ended because its client did not read for `slow_consumer_secs`.
     pub fn was_too_slow(&self) -> bool {
         self.progress.too_slow.load(Ordering::Relaxed)
+    }
+
+    /// Whether it ended because the access control no longer allows it.
+    pub fn lost_access(&self) -> bool {
+        self.progress.lost_access.load(Ordering::Relaxed)
     }
 
     fn next_push(&mut self, cx: &mut Context<'_>) -> Poll<Option<Push>> {

@@ -27,11 +27,13 @@ use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 use super::Api;
+use super::access::Credentials;
 use super::body::body_limit;
 use super::error::{ApiError, ErrorKind};
-use super::handlers::parse_wait;
+use super::handlers::{membership, parse_wait};
 use super::reply::{Doc, Field, Format};
 use super::subscription::{Push, Spec, Subscription};
+use crate::auth::{Held, Need, Target};
 use crate::layer::Revoker;
 use crate::message::{Message, json_to_value};
 
@@ -118,7 +120,15 @@ fn check_handshake(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
 }
 
 /// GET /v1/ws
-pub async fn upgrade(handshake: Handshake, api: Api) -> Result<Response, Rejection> {
+pub async fn upgrade(
+    handshake: Handshake,
+    credentials: Credentials,
+    api: Api,
+) -> Result<Response, Rejection> {
+    // A token given with the upgrade must be valid; it applies to every request until
+    // an `auth` request replaces it.
+    let token = credentials.token()?.map(str::to_string);
+    api.authorize(&credentials, &[])?;
     let permit = api.admit()?;
     let limit = body_limit(api.layer.max_message_bytes());
     let config = WebSocketConfig::default()
@@ -135,7 +145,7 @@ pub async fn upgrade(handshake: Handshake, api: Api) -> Result<Response, Rejecti
                     Some(config),
                 )
                 .await;
-                serve(api, socket, permit).await;
+                serve(api, socket, token, permit).await;
             }
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
         }
@@ -297,9 +307,11 @@ fn error_frame(format: Format, reference: Option<&Value>, error: &ApiError) -> F
     frame(format, &doc)
 }
 
-/// One connection's state: its outbox and its subscriptions.
+/// One connection's state: its token, its outbox and its subscriptions.
 struct Connection {
     api: Api,
+    /// The token its requests present (from the upgrade, or the last `auth` request).
+    token: Option<String>,
     outbox: mpsc::Sender<Frame>,
     subscriptions: HashMap<String, Revoker>,
     receives: Arc<tokio::sync::Semaphore>,
@@ -307,7 +319,7 @@ struct Connection {
     closed: CancellationToken,
 }
 
-async fn serve(api: Api, socket: Socket, permit: OwnedSemaphorePermit) {
+async fn serve(api: Api, socket: Socket, token: Option<String>, permit: OwnedSemaphorePermit) {
     let (mut sink, mut incoming) = socket.split();
     let (outbox, mut outgoing) = mpsc::channel::<Frame>(OUTBOX);
     let writer = tokio::spawn(async move {
@@ -321,6 +333,7 @@ async fn serve(api: Api, socket: Socket, permit: OwnedSemaphorePermit) {
     });
     let mut conn = Connection {
         api: api.clone(),
+        token,
         outbox,
         subscriptions: HashMap::new(),
         receives: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_RECEIVES)),
@@ -374,23 +387,34 @@ impl Connection {
         let _ = self.outbox.send(frame(request.format, &doc)).await;
     }
 
+    /// Ok when the connection's token allows `needs` (else 401 or 403, as over HTTP).
+    fn authorize(&self, needs: &[Need]) -> Result<crate::auth::Access, ApiError> {
+        self.api.authorize_token(self.token.as_deref(), needs)
+    }
+
     async fn handle(&mut self, request: &Request) -> Result<(), ApiError> {
         let layer = &self.api.layer;
         let op = request.str("op")?;
         match op {
+            "auth" => {
+                let token = request.str("token")?;
+                self.api.authorize_token(Some(token), &[])?;
+                self.token = Some(token.to_string());
+                self.reply(request, request.reply("ok")).await;
+            }
             "send" => {
                 let channel = request.str("channel")?;
+                self.authorize(&[Need::Publish(Target::Channel(channel.to_string()))])?;
                 let id = layer
                     .send(channel, request.message(self.api.default_type())?)
                     .await?;
                 self.reply(request, request.reply("ok").id("id", id)).await;
             }
             "group_send" => {
+                let group = request.str("group")?;
+                self.authorize(&[Need::Publish(Target::Group(group.to_string()))])?;
                 let report = layer
-                    .group_send(
-                        request.str("group")?,
-                        request.message(self.api.default_type())?,
-                    )
+                    .group_send(group, request.message(self.api.default_type())?)
                     .await?;
                 let doc = request
                     .reply("ok")
@@ -399,20 +423,24 @@ impl Connection {
                 self.reply(request, doc).await;
             }
             "group_add" => {
-                layer
-                    .group_add(request.str("group")?, request.str("channel")?)
-                    .await?;
+                let (group, channel) = (request.str("group")?, request.str("channel")?);
+                self.authorize(&membership(group, channel))?;
+                layer.group_add(group, channel).await?;
                 self.reply(request, request.reply("ok")).await;
             }
             "group_discard" => {
-                layer
-                    .group_discard(request.str("group")?, request.str("channel")?)
-                    .await?;
+                let (group, channel) = (request.str("group")?, request.str("channel")?);
+                self.authorize(&membership(group, channel))?;
+                layer.group_discard(group, channel).await?;
                 self.reply(request, request.reply("ok")).await;
             }
             "new_channel" => {
-                let name =
-                    layer.new_channel(request.optional_str("prefix")?.unwrap_or("specific"))?;
+                let prefix = request
+                    .optional_str("prefix")?
+                    .filter(|p| !p.is_empty())
+                    .unwrap_or("specific");
+                self.authorize(&[Need::Subscribe(Target::ChannelsUnder(prefix.to_string()))])?;
+                let name = layer.new_channel(prefix)?;
                 self.reply(request, request.reply("ok").str("channel", &name))
                     .await;
             }
@@ -438,6 +466,7 @@ impl Connection {
     /// Starts a receive that answers on its own when a message comes or the wait ends.
     fn receive(&self, request: &Request) -> Result<(), ApiError> {
         let channel = request.str("channel")?.to_string();
+        self.authorize(&[Need::Subscribe(Target::Channel(channel.clone()))])?;
         crate::layer::names::check_channel(&channel)?;
         let wait = match request.get("wait") {
             None | Some(Value::Nil) => Duration::ZERO,
@@ -495,12 +524,15 @@ impl Connection {
     /// Starts pushing a channel's messages, after replaying from `last_event_id`.
     async fn subscribe(&mut self, request: &Request) -> Result<(), ApiError> {
         let channel = request.str("channel")?.to_string();
+        let needs = vec![Need::Subscribe(Target::Channel(channel.clone()))];
+        let access = self.authorize(&needs)?;
         crate::layer::names::check_channel(&channel)?;
         let spec = Spec {
             channel: channel.clone(),
             last_event_id: request.optional_id("last_event_id")?,
             groups: Vec::new(),
             ephemeral: false,
+            held: Held::new(self.token.as_deref(), &access, needs),
         };
         if let Some(previous) = self.subscriptions.remove(&channel) {
             previous.revoke();
@@ -536,6 +568,11 @@ impl Connection {
                     CLOSE_POLICY,
                     "too slow to read; resubscribe with last_event_id",
                 );
+                let _ = outbox.send(close).await;
+            }
+            // Its token was removed, expired or lost the permission.
+            if pushes.lost_access() {
+                let close = close_frame(CLOSE_POLICY, "access revoked");
                 let _ = outbox.send(close).await;
             }
         });

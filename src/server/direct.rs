@@ -197,7 +197,7 @@ mod tests {
 
     #[test]
     fn whole_get_heads_for_event_streams_are_taken() {
-        let head = "GET /v1/events?groups=a,b HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nLast-Event-ID: 7\r\n\r\n";
+        let head = "GET /v1/events?groups=a,b HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\nLast-Event-ID: 7\r\n\r\n";
         let taken = parsed(head).expect("an event stream request");
         assert_eq!(taken.head_len, head.len());
         assert_eq!(taken.request.uri(), "/v1/events?groups=a,b");
@@ -216,7 +216,7 @@ mod tests {
     #[test]
     fn everything_else_is_left_to_hyper() {
         for head in [
-            "GET /v1/channels/c/events HTTP/1.1\r\nHost: x\r\n",
+            "GET /v1/channels/c/events HTTP/1.1\r\nHost: 127.0.0.1\r\n",
             "GET /v1/channels/c/messages HTTP/1.1\r\n\r\n",
             "GET /v1/events/more HTTP/1.1\r\n\r\n",
             "GET /v1/x?then=/events HTTP/1.1\r\n\r\n",

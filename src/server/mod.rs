@@ -16,7 +16,7 @@ use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Settings;
+use crate::config::{AuthSettings, ConfigError, Settings};
 use crate::http::{self, Api};
 use crate::layer::clock::SystemClock;
 use crate::layer::{self, ChannelLayer};
@@ -74,23 +74,33 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
 }
 
 /// Serves `layer` on `listener` until `shutdown` completes, then shuts down gracefully.
+/// On SIGHUP the `[auth]` settings are read again with `reload` and replace the old ones
+/// if they are valid. Fails only when `settings.auth` does not compile.
 pub async fn run(
     settings: Settings,
     layer: ChannelLayer,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-) {
+    reload: Reload,
+) -> Result<(), ConfigError> {
     let token = CancellationToken::new();
+    let timeout = Duration::from_secs(settings.server.shutdown_timeout_secs);
+    let stall =
+        Duration::from_secs(settings.server.slow_consumer_secs).saturating_mul(STALL_FACTOR);
+    let api = Api::new(
+        layer.clone(),
+        settings.server,
+        &settings.auth,
+        token.clone(),
+    )?;
     let sweeper = tokio::spawn(sweep(
         layer.clone(),
         Duration::from_millis(settings.storage.sweep_interval_ms),
         token.clone(),
     ));
-    let timeout = Duration::from_secs(settings.server.shutdown_timeout_secs);
-    let stall =
-        Duration::from_secs(settings.server.slow_consumer_secs).saturating_mul(STALL_FACTOR);
-    let api = Api::new(layer.clone(), settings.server, token.clone());
     let watchdog = tokio::spawn(http::subscription::watchdog(api.clone()));
+    let access_watch = tokio::spawn(http::subscription::access_watch(api.clone()));
+    let reloader = tokio::spawn(reload.serve(api.clone(), token.clone()));
     let background = api.background.clone();
     let server = tokio::spawn(serve(listener, http::routes(api), token.clone(), stall));
     shutdown.await;
@@ -111,10 +121,50 @@ pub async fn run(
     }
     let _ = sweeper.await;
     let _ = watchdog.await;
+    let _ = access_watch.await;
+    let _ = reloader.await;
     match tokio::task::spawn_blocking(move || layer.flush_to_disk()).await {
         Ok(Ok(())) => tracing::info!("storage flushed; bye"),
         Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
         Err(e) => tracing::error!(error = %e, "final flush failed"),
+    }
+    Ok(())
+}
+
+/// What SIGHUP does: read the `[auth]` settings again and put them in force.
+pub struct Reload {
+    hangups: tokio::signal::unix::Signal,
+    read: Box<dyn Fn() -> Result<AuthSettings, ConfigError> + Send>,
+}
+
+impl Reload {
+    /// Installs the SIGHUP handler (before the server announces itself, so that an
+    /// early SIGHUP does not end the process); `read` reads the settings again.
+    pub fn install(
+        read: impl Fn() -> Result<AuthSettings, ConfigError> + Send + 'static,
+    ) -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Reload {
+            hangups: signal(SignalKind::hangup())?,
+            read: Box::new(read),
+        })
+    }
+
+    /// Reloads at every SIGHUP until `stop`; a reload that fails keeps the settings in
+    /// force and logs why.
+    async fn serve(mut self, api: Api, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.hangups.recv() => {}
+            }
+            if let Err(e) = (self.read)().and_then(|auth| api.reload_auth(&auth)) {
+                tracing::error!(
+                    error = %e,
+                    "SIGHUP: [auth] not reloaded; the previous settings stay in force"
+                );
+            }
+        }
     }
 }
 

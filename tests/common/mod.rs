@@ -275,6 +275,21 @@ pub fn client() -> reqwest::Client {
         .expect("building the HTTP client")
 }
 
+/// A client like [`client`] that sends `Authorization: Bearer <token>` with every request.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("a header value"),
+    );
+    reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(5))
+        .default_headers(headers)
+        .build()
+        .expect("building the HTTP client")
+}
+
 /// A JSON body and its status, for assertions.
 pub async fn json_of(response: reqwest::Response) -> (u16, Json) {
     let status = response.status().as_u16();
@@ -324,6 +339,14 @@ impl Api {
     pub fn new(server: &Server) -> Api {
         Api {
             http: client(),
+            base: server.base.clone(),
+        }
+    }
+
+    /// The helpers of [`Api::new`], presenting `token` on every request.
+    pub fn with_token(server: &Server, token: &str) -> Api {
+        Api {
+            http: client_with_token(token),
             base: server.base.clone(),
         }
     }
@@ -828,6 +851,31 @@ impl Ws {
         .expect("WebSocket handshake");
         assert_eq!(response.status().as_u16(), 101);
         Ws { stream }
+    }
+
+    /// Opens `url` with extra request `headers`; the handshake's HTTP status on refusal.
+    pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.into_client_request().expect("a WebSocket URL");
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()).expect("a header name"),
+                value.parse().expect("a header value"),
+            );
+        }
+        match within(
+            T,
+            "WebSocket handshake",
+            tokio_tungstenite::connect_async(request),
+        )
+        .await
+        {
+            Ok((stream, _)) => Ok(Ws { stream }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Err(response.status().as_u16())
+            }
+            Err(e) => panic!("WebSocket handshake failed: {e}"),
+        }
     }
 
     pub async fn send_frame(&mut self, frame: WsFrame) {
