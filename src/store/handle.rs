@@ -167,25 +167,15 @@ impl Handle {
         self.read(|db| db.get(key))
     }
 
-    /// Flushes durably against power loss: [`Handle::flush_log`], then
-    /// [`Handle::sync_log`].
-    pub fn flush(&self) -> Result<(), StoreError> {
-        self.flush_log()?;
-        self.sync_log()
-    }
-
-    /// sled's flush, after syncing new blob files (see [`super::disk`]): the log is
-    /// written, but its bytes may still be in the disk's cache.
-    pub fn flush_log(&self) -> Result<(), StoreError> {
+    /// Flushes durably against power loss: new blob files first, then sled's flush,
+    /// then its log's bytes and size (see [`super::disk`]).
+    pub fn flush(&self) -> Result<usize, StoreError> {
         self.write_open(|open| {
             open.disk.sync_blobs()?;
-            open.db.flush().map(drop)
+            let flushed = open.db.flush()?;
+            open.disk.sync_log()?;
+            Ok(flushed)
         })
-    }
-
-    /// Makes every log write finished before it durable (bytes and size).
-    pub fn sync_log(&self) -> Result<(), StoreError> {
-        self.write_open(|open| Ok(open.disk.sync_log()?))
     }
 
     /// Whether writes are failing and not yet repaired.

@@ -2,11 +2,11 @@
 //!
 //! Writers apply their change to sled (fast, in memory) and get a [`Ticket`]; awaiting
 //! [`Store::commit`] returns once a flush that covers the ticket is on stable storage.
-//! One flusher thread has sled write each flush to its log, and one syncer thread makes
-//! them durable with `fdatasync` ([`disk`]), all those written meanwhile at once: while
-//! one flush is being synced the next is written. Concurrent writers share each sync
-//! (group commit), so throughput grows with concurrency instead of stopping at the
-//! disk's sync rate. A mark written with every flush and copied into a file beside the
+//! One flusher thread runs the flushes (sled's flush, then `fdatasync` of its log: see
+//! [`disk`]), so concurrent writers share each sync (group commit) and throughput grows
+//! with concurrency instead of stopping at the disk's sync rate. (Overlapping the sync
+//! of one flush with the next flush measured slower on one core: it halves the writes
+//! per flush, and a flush costs CPU whatever it carries.) A mark written with every flush and copied into a file beside the
 //! log tells at open whether the log lost acknowledged writes ([`watermark`]).
 //!
 //! Message records, the bulk of the writes, are not inserted one by one: they wait in
@@ -27,7 +27,6 @@ pub mod record;
 mod space;
 mod watermark;
 
-use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -162,19 +161,6 @@ struct Flusher {
     last_id: AtomicU64,
     /// The newest mark known to be on disk, and the watermark file it is copied into.
     durable: Mutex<Durable>,
-    /// Flushes that sled wrote, in order, for the syncer thread to make durable.
-    to_sync: Mutex<VecDeque<Written>>,
-    sync_wake: Condvar,
-    /// Set once the flusher thread has ended: the syncer ends when it has synced all.
-    syncer_stop: AtomicBool,
-}
-
-/// A flush that sled wrote (or failed to), waiting for `fdatasync`.
-struct Written {
-    /// Every write with a ticket up to this is in the flush.
-    target: u64,
-    mark: Mark,
-    result: Result<(), Failure>,
 }
 
 /// See [`Flusher::durable`].
@@ -200,7 +186,6 @@ pub struct Store {
     durability: Durability,
     flusher: Arc<Flusher>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    syncer: Mutex<Option<JoinHandle<()>>>,
     healer: Mutex<Option<JoinHandle<()>>>,
     /// Added to sled's id generator: set once by an import so that new ids follow the
     /// imported ones.
@@ -278,9 +263,6 @@ impl Store {
                 file,
                 file_written_at: Instant::now(),
             }),
-            to_sync: Mutex::new(VecDeque::new()),
-            sync_wake: Condvar::new(),
-            syncer_stop: AtomicBool::new(false),
         });
         let spawn_failed = |e: io::Error| StoreError::Io(format!("starting a thread: {e}"));
         let thread = {
@@ -294,14 +276,6 @@ impl Store {
                 })
                 .map_err(spawn_failed)?
         };
-        let syncer = {
-            let db = db.clone();
-            let flusher = flusher.clone();
-            std::thread::Builder::new()
-                .name("herald-syncer".into())
-                .spawn(move || flusher.sync_loop(&db))
-                .map_err(spawn_failed)?
-        };
         let lose = flusher.clone();
         let healer = db
             .spawn_healer(move |failure| lose.lose_unflushed(failure))
@@ -312,7 +286,6 @@ impl Store {
             durability,
             flusher,
             thread: Mutex::new(Some(thread)),
-            syncer: Mutex::new(Some(syncer)),
             healer: Mutex::new(Some(healer)),
             id_floor,
             data_loss,
@@ -495,11 +468,6 @@ impl Drop for Store {
         if let Some(thread) = self.thread.lock().take() {
             let _ = thread.join();
         }
-        self.flusher.syncer_stop.store(true, Ordering::SeqCst);
-        self.flusher.sync_wake.notify_all();
-        if let Some(thread) = self.syncer.lock().take() {
-            let _ = thread.join();
-        }
         if let Err(e) = self.flush_blocking() {
             tracing::error!(error = %e, "final flush failed");
         }
@@ -607,9 +575,8 @@ impl Flusher {
     }
 
     /// The flusher thread: one flush at a time, each covering every write before it; in
-    /// `sync` mode when a writer asks, in `interval` mode every period. It hands each
-    /// flush to the syncer thread and goes on with the next: sled writing one flush
-    /// overlaps with `fdatasync` of the one before.
+    /// `sync` mode when a writer asks, in `interval` mode every period. Between flushes
+    /// it brings the watermark file up to date.
     fn run(&self, db: &Handle) {
         let mut tick = self.period.map(|period| Instant::now() + period);
         loop {
@@ -617,7 +584,8 @@ impl Flusher {
                 let mut pending = self.pending.lock();
                 let busy = *pending;
                 while !*pending && !self.stop.load(Ordering::SeqCst) {
-                    match tick {
+                    let deadline = tick.into_iter().chain(self.file_due()).min();
+                    match deadline {
                         Some(deadline) => {
                             if self.wake.wait_until(&mut pending, deadline).timed_out() {
                                 break;
@@ -640,78 +608,30 @@ impl Flusher {
                 }
                 self.flush(db);
             }
+            self.update_file(false);
             if stopping {
                 return;
             }
         }
     }
 
-    /// Writes everything written so far to sled's log, and hands it to the syncer.
+    /// One flush of everything written so far, and its outcome for the waiting writers.
     fn flush(&self, db: &Handle) {
         let (target, mark, written) = self.write_pending(db);
-        let result = written.and_then(|()| db.flush_log()).map_err(|e| {
-            tracing::error!(error = %e, "flush failed");
-            Failure::of(&e)
-        });
-        self.to_sync.lock().push_back(Written {
-            target,
-            mark,
-            result,
-        });
-        self.sync_wake.notify_one();
-    }
-
-    /// The syncer thread: makes the flushes that sled wrote durable, all those waiting
-    /// with one `fdatasync`, and tells their writers; between syncs it brings the
-    /// watermark file up to date.
-    fn sync_loop(&self, db: &Handle) {
-        loop {
-            let flushes: Vec<Written> = {
-                let mut queue = self.to_sync.lock();
-                while queue.is_empty() {
-                    if self.syncer_stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    match self.file_due() {
-                        Some(due) => {
-                            if self.sync_wake.wait_until(&mut queue, due).timed_out() {
-                                break;
-                            }
-                        }
-                        None => self.sync_wake.wait(&mut queue),
-                    }
-                }
-                queue.drain(..).collect()
-            };
-            if !flushes.is_empty() {
-                self.sync(db, flushes);
+        let result = written.and_then(|()| db.flush());
+        self.flushed.send_modify(|f| match &result {
+            Ok(_) => {
+                f.upto = f.upto.max(target);
+                f.error = None;
             }
-            self.update_file(false);
-        }
-    }
-
-    /// One `fdatasync` for `flushes`, and their outcome for the waiting writers.
-    fn sync(&self, db: &Handle, flushes: Vec<Written>) {
-        let synced = db.sync_log().map_err(|e| {
-            tracing::error!(error = %e, "syncing the log failed");
-            Failure::of(&e)
-        });
-        for flush in flushes {
-            let outcome = flush.result.and(synced.clone());
-            let ok = outcome.is_ok();
-            self.flushed.send_modify(|f| match outcome {
-                Ok(()) => {
-                    f.upto = f.upto.max(flush.target);
-                    f.error = None;
-                }
-                Err(failure) => {
-                    f.failed_upto = f.failed_upto.max(flush.target);
-                    f.error = Some(failure);
-                }
-            });
-            if ok {
-                self.made_durable(flush.mark);
+            Err(e) => {
+                tracing::error!(error = %e, "flush failed");
+                f.failed_upto = f.failed_upto.max(target);
+                f.error = Some(Failure::of(e));
             }
+        });
+        if result.is_ok() {
+            self.made_durable(mark);
         }
     }
 }
