@@ -28,6 +28,20 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 const CHANNEL: &str = "browser.tab";
 
 /// The first Chromium found on the PATH.
+/// Chromium's path; `None` after saying the test is skipped (a failure instead when
+/// `HERALD_REQUIRE_BROWSER` is set).
+fn chromium_or_skip() -> Option<PathBuf> {
+    let binary = chromium();
+    if binary.is_none() {
+        assert!(
+            std::env::var_os("HERALD_REQUIRE_BROWSER").is_none(),
+            "HERALD_REQUIRE_BROWSER is set but no chromium is on the PATH"
+        );
+        eprintln!("skipped: no chromium on the PATH (apt-get install chromium)");
+    }
+    binary
+}
+
 fn chromium() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     [
@@ -219,12 +233,7 @@ es.onmessage = (e) => window.state.events.push([e.lastEventId, JSON.parse(e.data
 
 #[tokio::test]
 async fn chromium_event_source_gets_what_it_missed_across_a_kill_with_last_event_id() {
-    let Some(binary) = chromium() else {
-        assert!(
-            std::env::var_os("HERALD_REQUIRE_BROWSER").is_none(),
-            "HERALD_REQUIRE_BROWSER is set but no chromium is on the PATH"
-        );
-        eprintln!("skipped: no chromium on the PATH (apt-get install chromium)");
+    let Some(binary) = chromium_or_skip() else {
         return;
     };
     let page_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -312,12 +321,7 @@ post("/v1/channels/user.42/messages");
 
 #[tokio::test]
 async fn chromium_event_source_with_a_jwt_receives_on_an_allowed_origin_only() {
-    let Some(binary) = chromium() else {
-        assert!(
-            std::env::var_os("HERALD_REQUIRE_BROWSER").is_none(),
-            "HERALD_REQUIRE_BROWSER is set but no chromium is on the PATH"
-        );
-        eprintln!("skipped: no chromium on the PATH (apt-get install chromium)");
+    let Some(binary) = chromium_or_skip() else {
         return;
     };
     let allowed_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
