@@ -4,7 +4,8 @@
 //! - [`auth`]: access control: tokens, JWTs, permission patterns. No HTTP.
 //! - [`config`]: settings from the compiled-in `config/default.toml`, a file and the environment.
 //! - [`message`]: message validation and its msgpack and JSON forms.
-//! - [`store`]: the sled database: key layout, records, format version, group commit. No HTTP.
+//! - [`store`]: the sled database: key layout, records, format version, group commit, the
+//!   power-safe sync, the damaged-log check, disk space. No HTTP.
 //! - [`layer`]: the channel layer (channels, groups, capacity, expiry, waiting receivers). No HTTP.
 //! - [`http`]: the warp routes (HTTP, SSE, WebSocket) and the one mapping of errors to status codes.
 //! - [`server`]: binds, serves, sweeps, and shuts down on a signal.
