@@ -42,10 +42,22 @@ impl LazyFs {
             .tempdir()
             .expect("creating a temp dir");
         let fs = LazyFs { dir };
-        if let Err(why) = fs.run("mount") {
-            return skip(format!("mounting LazyFS failed: {why}"));
+        // LazyFS now and then aborts while starting when many mounts start at once
+        // (tests run in parallel): try again before giving up.
+        let mut why = String::new();
+        for _ in 0..3 {
+            match fs.run("mount") {
+                Ok(()) => return Some(fs),
+                Err(e) => {
+                    let out = std::fs::read_to_string(fs.dir.path().join("lazyfs.out"))
+                        .unwrap_or_default();
+                    why = format!("{e}; lazyfs.out: {}", out.trim());
+                    let _ = fs.run("umount");
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            }
         }
-        Some(fs)
+        skip(format!("mounting LazyFS failed: {why}"))
     }
 
     /// A data directory on the mount (not created).
