@@ -121,13 +121,7 @@ pub async fn list_channels(
     api: Api,
 ) -> Result<Response, Rejection> {
     api.authorize(&credentials, &[Need::Admin])?;
-    let channels = api.layer.channels();
-    let json = serde_json::to_value(&channels).unwrap_or_default();
-    Ok(respond(
-        format,
-        StatusCode::OK,
-        Doc::new().field("channels", Field::Value(json_to_msgpack(&json))),
-    ))
+    Ok(admin_read(format, "channels", api.layer.channels()))
 }
 
 /// GET /v1/groups: groups with their current members.
@@ -137,12 +131,7 @@ pub async fn list_groups(
     api: Api,
 ) -> Result<Response, Rejection> {
     api.authorize(&credentials, &[Need::Admin])?;
-    let json = serde_json::to_value(api.layer.groups()).unwrap_or_default();
-    Ok(respond(
-        format,
-        StatusCode::OK,
-        Doc::new().field("groups", Field::Value(json_to_msgpack(&json))),
-    ))
+    Ok(admin_read(format, "groups", api.layer.groups()))
 }
 
 /// GET /v1/stats: totals.
@@ -152,12 +141,17 @@ pub async fn stats(
     api: Api,
 ) -> Result<Response, Rejection> {
     api.authorize(&credentials, &[Need::Admin])?;
-    let json = serde_json::to_value(api.layer.stats()).unwrap_or_default();
-    Ok(respond(
+    Ok(admin_read(format, "stats", api.layer.stats()))
+}
+
+/// A 200 whose one field `key` holds `value`, for the admin reads.
+fn admin_read(format: Format, key: &'static str, value: impl serde::Serialize) -> Response {
+    let json = serde_json::to_value(value).unwrap_or_default();
+    respond(
         format,
         StatusCode::OK,
-        Doc::new().field("stats", Field::Value(json_to_msgpack(&json))),
-    ))
+        Doc::new().field(key, Field::Value(json_to_msgpack(&json))),
+    )
 }
 
 /// What group_add and group_discard of `channel` in `group` need.
