@@ -297,17 +297,20 @@ impl Sample {
     }
 }
 
-/// The server's `stored_bytes` in KiB (`GET /v1/stats`).
-async fn stored_kib(http: &reqwest::Client, base: &str) -> u64 {
-    let stats: Json = http
-        .get(format!("{base}/v1/stats"))
+/// The server's `GET /v1/stats` answer.
+async fn stats(http: &reqwest::Client, base: &str) -> Json {
+    http.get(format!("{base}/v1/stats"))
         .send()
         .await
         .expect("stats request")
         .json()
         .await
-        .expect("stats JSON");
-    stats["stats"]["stored_bytes"]
+        .expect("stats JSON")
+}
+
+/// The server's `stored_bytes` in KiB (`GET /v1/stats`).
+async fn stored_kib(http: &reqwest::Client, base: &str) -> u64 {
+    stats(http, base).await["stats"]["stored_bytes"]
         .as_u64()
         .expect("stats has stored_bytes")
         / 1024
@@ -468,14 +471,7 @@ async fn memory_and_disk_stay_bounded_under_constant_load() {
     print(&end);
 
     api.assert_healthy().await;
-    let stats: Json = http
-        .get(server.url("/v1/stats"))
-        .send()
-        .await
-        .expect("stats request")
-        .json()
-        .await
-        .expect("stats JSON");
+    let stats = stats(&http, &server.base).await;
     let published = counts.published();
     let received = counts.received();
     let channel_full = counts.channel_full.load(Ordering::Relaxed);
