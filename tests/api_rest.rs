@@ -15,6 +15,19 @@ fn channel_url(server: &Server, channel: &str) -> String {
     server.url(&format!("/v1/channels/{channel}/messages"))
 }
 
+/// A publish to `channel` of `body` declared as `content_type`, not sent yet.
+fn post_as(
+    server: &Server,
+    channel: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::RequestBuilder {
+    client()
+        .post(channel_url(server, channel))
+        .header("content-type", content_type)
+        .body(body)
+}
+
 #[tokio::test]
 async fn healthz_answers_ok() {
     let server = Server::start().await;
@@ -95,10 +108,7 @@ async fn json_messages_round_trip_byte_for_byte() {
     // Key order, ints versus floats (1.0 stays 1.0), u64 and i64 extremes, nesting,
     // escapes and non-ASCII text: the response must embed exactly this text.
     let text = r#"{"type":"chat.message","z":1,"a":1.0,"big":18446744073709551615,"neg":-9223372036854775808,"f":-0.5,"nested":{"b":[true,null,"x",[{"k":"v"}]],"a":2.5},"s":"line\nnext \"q\" \u0000 é ☃","empty":{},"list":[]}"#;
-    let response = http
-        .post(channel_url(&server, "round.trip"))
-        .header("content-type", "application/json")
-        .body(text)
+    let response = post_as(&server, "round.trip", "application/json", text)
         .send()
         .await
         .unwrap();
@@ -123,14 +133,15 @@ async fn json_messages_round_trip_byte_for_byte() {
 async fn json_content_type_with_charset_is_json() {
     let server = Server::start().await;
     let api = Api::new(&server);
-    let response = api
-        .http
-        .post(channel_url(&server, "charset"))
-        .header("content-type", "Application/JSON; charset=utf-8")
-        .body(r#"{"type":"x","v":1}"#)
-        .send()
-        .await
-        .unwrap();
+    let response = post_as(
+        &server,
+        "charset",
+        "Application/JSON; charset=utf-8",
+        r#"{"type":"x","v":1}"#,
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(response.status().as_u16(), 202);
     assert_eq!(
         api.receive("charset").await.unwrap().1,
@@ -168,11 +179,8 @@ async fn msgpack_messages_round_trip_with_binary_floats_and_big_ints() {
     let http = client();
     let message = rich_msgpack();
     for content_type in ["application/msgpack", "application/x-msgpack"] {
-        let response = http
-            .post(channel_url(&server, "mp"))
-            .header("content-type", content_type)
+        let response = post_as(&server, "mp", content_type, mp_encode(&message))
             .header("accept", "application/msgpack")
-            .body(mp_encode(&message))
             .send()
             .await
             .unwrap();
@@ -211,13 +219,15 @@ async fn msgpack_messages_round_trip_with_binary_floats_and_big_ints() {
 async fn msgpack_binary_appears_in_json_as_base64_and_json_binary_becomes_msgpack_binary() {
     let server = Server::start().await;
     let http = client();
-    let response = http
-        .post(channel_url(&server, "mixed"))
-        .header("content-type", "application/msgpack")
-        .body(mp_encode(&rich_msgpack()))
-        .send()
-        .await
-        .unwrap();
+    let response = post_as(
+        &server,
+        "mixed",
+        "application/msgpack",
+        mp_encode(&rich_msgpack()),
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(response.status().as_u16(), 202);
     let raw = http
         .get(channel_url(&server, "mixed"))
@@ -237,13 +247,15 @@ async fn msgpack_binary_appears_in_json_as_base64_and_json_binary_becomes_msgpac
     );
 
     // And back: JSON {"$binary": ...} is stored as msgpack binary.
-    let response = http
-        .post(channel_url(&server, "mixed"))
-        .header("content-type", "application/json")
-        .body(r#"{"type":"b","data":{"$binary":"AAEC//4="}}"#)
-        .send()
-        .await
-        .unwrap();
+    let response = post_as(
+        &server,
+        "mixed",
+        "application/json",
+        r#"{"type":"b","data":{"$binary":"AAEC//4="}}"#,
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(response.status().as_u16(), 202);
     let response = http
         .get(channel_url(&server, "mixed"))
@@ -293,14 +305,12 @@ async fn text_bodies_of_any_other_content_type_become_text_messages() {
 #[tokio::test]
 async fn non_utf8_text_is_400_invalid_body() {
     let server = Server::start().await;
-    let response = client()
-        .post(channel_url(&server, "texts"))
-        .header("content-type", "text/plain")
-        .body(vec![b'o', b'k', 0xff, 0xfe])
-        .send()
-        .await
-        .unwrap();
-    assert_error(response, 400, "invalid_body").await;
+    refused(
+        post_as(&server, "texts", "text/plain", vec![b'o', b'k', 0xff, 0xfe]),
+        400,
+        "invalid_body",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -357,12 +367,12 @@ async fn bad_wait_values_are_400_invalid_parameter() {
     let server = Server::start().await;
     let http = client();
     for wait in ["abc", "-1", "NaN", "inf", "1e999", ""] {
-        let response = http
-            .get(server.url(&format!("/v1/channels/c/messages?wait={wait}")))
-            .send()
-            .await
-            .unwrap();
-        assert_error(response, 400, "invalid_parameter").await;
+        refused(
+            http.get(server.url(&format!("/v1/channels/c/messages?wait={wait}"))),
+            400,
+            "invalid_parameter",
+        )
+        .await;
     }
 }
 
@@ -397,11 +407,11 @@ async fn new_channel_makes_unique_valid_names_with_the_prefix() {
     let id = api.send(&name, &msg(1)).await;
     let encoded = name.replace('!', "%21");
     let (status, got) = json_of(
-        api.http
-            .get(api.url(&format!("/v1/channels/{encoded}/messages")))
-            .send()
-            .await
-            .unwrap(),
+        fetch(
+            api.http
+                .get(api.url(&format!("/v1/channels/{encoded}/messages"))),
+        )
+        .await,
     )
     .await;
     assert_eq!(status, 200);
@@ -410,13 +420,13 @@ async fn new_channel_makes_unique_valid_names_with_the_prefix() {
 
     // A prefix that cannot make a valid name.
     for bad in ["a%21b", "bad%20prefix", &"p".repeat(95)] {
-        let response = api
-            .http
-            .post(api.url(&format!("/v1/channels?prefix={bad}")))
-            .send()
-            .await
-            .unwrap();
-        assert_error(response, 400, "invalid_name").await;
+        refused(
+            api.http
+                .post(api.url(&format!("/v1/channels?prefix={bad}"))),
+            400,
+            "invalid_name",
+        )
+        .await;
     }
 }
 
@@ -460,7 +470,7 @@ async fn invalid_channel_and_group_names_are_400_invalid_name() {
             http.put(server.url(&format!("/v1/groups/g/channels/{channel}"))),
         ];
         for request in requests {
-            assert_error(request.send().await.unwrap(), 400, "invalid_name").await;
+            refused(request, 400, "invalid_name").await;
         }
     }
     let long_group = "g".repeat(100);
@@ -472,7 +482,7 @@ async fn invalid_channel_and_group_names_are_400_invalid_name() {
             http.get(server.url(&format!("/v1/groups/{group}/channels"))),
         ];
         for request in requests {
-            assert_error(request.send().await.unwrap(), 400, "invalid_name").await;
+            refused(request, 400, "invalid_name").await;
         }
     }
     // 99 bytes is still fine.
@@ -511,22 +521,17 @@ async fn invalid_messages_are_400_invalid_message_or_invalid_body() {
         (r#"{"type":"x"} trailing"#, "invalid_body"),
     ];
     for (body, code) in cases {
-        let response = http
-            .post(channel_url(&server, "strict"))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        let doc = assert_error(response, 400, code).await;
+        let doc = refused(
+            post_as(&server, "strict", "application/json", body.to_string()),
+            400,
+            code,
+        )
+        .await;
         eprintln!("{body:.40} -> {doc}");
     }
     // 32 levels is the limit, inclusive.
     let ok = deep.replacen("[", "", 1).replacen("]", "", 1);
-    let response = http
-        .post(channel_url(&server, "strict"))
-        .header("content-type", "application/json")
-        .body(ok)
+    let response = post_as(&server, "strict", "application/json", ok)
         .send()
         .await
         .unwrap();
@@ -546,14 +551,12 @@ async fn invalid_messages_are_400_invalid_message_or_invalid_body() {
         (trailing, "invalid_body"),
         (vec![0x81, 0xa4], "invalid_body"),
     ] {
-        let response = http
-            .post(channel_url(&server, "strict"))
-            .header("content-type", "application/msgpack")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_error(response, 400, code).await;
+        refused(
+            post_as(&server, "strict", "application/msgpack", body),
+            400,
+            code,
+        )
+        .await;
     }
     let api = Api::new(&server);
     assert_eq!(api.drain("strict").await.len(), 1, "only the valid one");
@@ -569,8 +572,7 @@ async fn unknown_paths_are_404_and_wrong_methods_405() {
         "/v1/channels/a/messages/extra",
         "/",
     ] {
-        let response = http.get(server.url(path)).send().await.unwrap();
-        assert_error(response, 404, "not_found").await;
+        refused(http.get(server.url(path)), 404, "not_found").await;
     }
     let cases = [
         ("PATCH", "/v1/channels/a/messages"),
@@ -811,15 +813,15 @@ async fn accept_msgpack_gets_msgpack_documents_and_errors_stay_json() {
         .to_string();
     assert!(name.starts_with("mp."));
 
-    let response = http
-        .post(server.url("/v1/channels/x/messages"))
-        .header("accept", "application/msgpack")
-        .header("content-type", "application/json")
-        .body("{")
-        .send()
-        .await
-        .unwrap();
-    assert_error(response, 400, "invalid_body").await;
+    refused(
+        http.post(server.url("/v1/channels/x/messages"))
+            .header("accept", "application/msgpack")
+            .header("content-type", "application/json")
+            .body("{"),
+        400,
+        "invalid_body",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -829,13 +831,8 @@ async fn oversized_messages_are_413_message_too_large() {
     // Just over the limit once encoded: refused by the size check of the layer.
     let big = json!({"type": "big", "pad": "x".repeat(2100)});
     assert_error(api.send_raw("big", &big).await, 413, "message_too_large").await;
-    assert_error(
-        api.http
-            .post(api.url("/v1/groups/g/messages"))
-            .json(&big)
-            .send()
-            .await
-            .unwrap(),
+    refused(
+        api.http.post(api.url("/v1/groups/g/messages")).json(&big),
         413,
         "message_too_large",
     )
@@ -899,22 +896,14 @@ async fn at_max_connections_requests_get_503_unavailable_until_a_slot_frees() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!held.is_finished());
     assert_error(api.send_raw("x", &msg(1)).await, 503, "unavailable").await;
-    assert_error(
-        api.http
-            .get(api.url("/v1/channels/x/messages"))
-            .send()
-            .await
-            .unwrap(),
+    refused(
+        api.http.get(api.url("/v1/channels/x/messages")),
         503,
         "unavailable",
     )
     .await;
-    assert_error(
-        api.http
-            .put(api.url("/v1/groups/g/channels/x"))
-            .send()
-            .await
-            .unwrap(),
+    refused(
+        api.http.put(api.url("/v1/groups/g/channels/x")),
         503,
         "unavailable",
     )
@@ -1070,17 +1059,17 @@ async fn cors_allows_listed_origins_and_refuses_others_with_a_json_error() {
         allowed.headers()["access-control-expose-headers"],
         "retry-after"
     );
-    let preflight = http
-        .request(
+    refused(
+        http.request(
             reqwest::Method::OPTIONS,
             server.url("/v1/channels/cors/messages"),
         )
         .header("origin", "https://evil.example.com")
-        .header("access-control-request-method", "POST")
-        .send()
-        .await
-        .unwrap();
-    assert_error(preflight, 403, "forbidden").await;
+        .header("access-control-request-method", "POST"),
+        403,
+        "forbidden",
+    )
+    .await;
 }
 
 /// `--default-message-type` (and `server.default_message_type`) types untyped maps from

@@ -455,17 +455,16 @@ async fn stream_requests_with_bad_parameters_are_refused_with_json_errors() {
         ),
     ];
     for (path, status, code) in cases {
-        let response = http.get(server.url(path)).send().await.unwrap();
-        assert_error(response, status, code).await;
+        refused(http.get(server.url(path)), status, code).await;
     }
     for bad in ["abc", "-1", "1.5", "99999999999999999999999"] {
-        let response = http
-            .get(events_url(&server, "c"))
-            .header("last-event-id", bad)
-            .send()
-            .await
-            .unwrap();
-        assert_error(response, 400, "invalid_parameter").await;
+        refused(
+            http.get(events_url(&server, "c"))
+                .header("last-event-id", bad),
+            400,
+            "invalid_parameter",
+        )
+        .await;
     }
     // A refused group stream joined nothing.
     let api = Api::new(&server);

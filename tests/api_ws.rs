@@ -822,7 +822,7 @@ async fn a_request_that_is_not_a_websocket_handshake_gets_a_clear_400() {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let error = assert_error(request.send().await.unwrap(), 400, "invalid_parameter").await;
+        let error = refused(request, 400, "invalid_parameter").await;
         let text = error["error"]["message"].as_str().unwrap();
         assert!(text.contains(missing), "{headers:?}: {text}");
     }

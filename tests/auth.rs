@@ -515,15 +515,15 @@ async fn host_and_origin_rules_apply_to_every_kind_of_request() {
     let http = client();
 
     // A cross-origin text/plain POST (a form or fetch from any web page) flushes nothing.
-    let flush = http
-        .post(server.url("/v1/flush"))
-        .header("origin", "http://evil.example")
-        .header("content-type", "text/plain")
-        .body("x")
-        .send()
-        .await
-        .unwrap();
-    assert_error(flush, 403, "forbidden").await;
+    refused(
+        http.post(server.url("/v1/flush"))
+            .header("origin", "http://evil.example")
+            .header("content-type", "text/plain")
+            .body("x"),
+        403,
+        "forbidden",
+    )
+    .await;
     assert_eq!(api.drain("o.c").await.len(), 1, "the flush did not run");
 
     for (method, path) in [
@@ -540,14 +540,14 @@ async fn host_and_origin_rules_apply_to_every_kind_of_request() {
             ("host", "evil.example"),
             ("host", &format!("rebound.example:{port}")),
         ] {
-            let response = http
-                .request(method.parse().unwrap(), server.url(path))
-                .header(name, value)
-                .body("x")
-                .send()
-                .await
-                .unwrap();
-            assert_error(response, 403, "forbidden").await;
+            refused(
+                http.request(method.parse().unwrap(), server.url(path))
+                    .header(name, value)
+                    .body("x"),
+                403,
+                "forbidden",
+            )
+            .await;
         }
         // Loopback names and the server's own origin are fine.
         for host in ["localhost", "127.0.0.1", "[::1]"] {
@@ -629,8 +629,7 @@ async fn host_and_origin_rules_apply_to_every_kind_of_request() {
         .await
         .unwrap();
     assert_eq!(own.status(), 202);
-    let loopback = http.get(listed.url("/healthz")).send().await.unwrap();
-    assert_error(loopback, 403, "forbidden").await;
+    refused(http.get(listed.url("/healthz")), 403, "forbidden").await;
 }
 
 #[tokio::test]
@@ -739,13 +738,14 @@ async fn token_new_and_token_jwt_print_what_the_server_accepts() {
         browser.receive("user.42").await.map(|(_, m)| m),
         Some(msg(1))
     );
-    let response = browser
-        .http
-        .get(browser.url("/v1/channels/user.43/messages"))
-        .send()
-        .await
-        .unwrap();
-    assert_error(response, 403, "forbidden").await;
+    refused(
+        browser
+            .http
+            .get(browser.url("/v1/channels/user.43/messages")),
+        403,
+        "forbidden",
+    )
+    .await;
 
     // `herald backup` presents an admin token from a file.
     let dump = dir.path().join("dump.ndjson");

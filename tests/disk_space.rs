@@ -89,7 +89,7 @@ async fn publishes_past_max_disk_bytes_get_507_and_change_nothing() {
     let api = Api::new(&server);
     api.group_add("all", "member").await;
     let mut accepted = 0;
-    let refused = loop {
+    let first_refusal = loop {
         let response = api.send_raw("filling", &large(accepted)).await;
         if response.status() != 202 {
             break response;
@@ -98,7 +98,7 @@ async fn publishes_past_max_disk_bytes_get_507_and_change_nothing() {
         assert!(accepted < 20, "8 MiB hold fewer than 20 messages of 1 MiB");
     };
     assert!(accepted >= 3, "only {accepted} accepted");
-    let body = assert_error(refused, 507, "storage_full").await;
+    let body = assert_error(first_refusal, 507, "storage_full").await;
     assert!(
         body["error"]["message"]
             .as_str()
@@ -109,14 +109,14 @@ async fn publishes_past_max_disk_bytes_get_507_and_change_nothing() {
 
     // Nothing changed: the refused message is not queued, and a group_send and a
     // WebSocket send are refused alike.
-    let response = api
-        .http
-        .post(api.url("/v1/groups/all/messages"))
-        .json(&large(99))
-        .send()
-        .await
-        .unwrap();
-    assert_error(response, 507, "storage_full").await;
+    refused(
+        api.http
+            .post(api.url("/v1/groups/all/messages"))
+            .json(&large(99)),
+        507,
+        "storage_full",
+    )
+    .await;
     let mut ws = Ws::connect(&server).await;
     let reply = ws
         .call(json!({"op": "send", "ref": 1, "channel": "filling", "message": large(98)}))

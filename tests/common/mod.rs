@@ -328,6 +328,19 @@ pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) 
     json
 }
 
+/// Sends `request`, bounded by [`T`].
+pub async fn fetch(request: reqwest::RequestBuilder) -> reqwest::Response {
+    within(T, "a request", request.send())
+        .await
+        .expect("sending a request")
+}
+
+/// Sends `request` and asserts that it is refused with `status` and the error `code`;
+/// returns the error document.
+pub async fn refused(request: reqwest::RequestBuilder, status: u16, code: &str) -> Json {
+    assert_error(fetch(request).await, status, code).await
+}
+
 /// Small REST helpers around one server.
 #[derive(Clone)]
 pub struct Api {
@@ -357,17 +370,7 @@ impl Api {
 
     /// POSTs `message` as JSON to the channel; panics unless 202. Returns the id.
     pub async fn send(&self, channel: &str, message: &Json) -> String {
-        let response = within(
-            T,
-            "send",
-            self.http
-                .post(self.url(&format!("/v1/channels/{channel}/messages")))
-                .json(message)
-                .send(),
-        )
-        .await
-        .expect("send request");
-        let (status, json) = json_of(response).await;
+        let (status, json) = json_of(self.send_raw(channel, message).await).await;
         assert_eq!(status, 202, "send to {channel}: {json}");
         assert_eq!(json["channel"], channel);
         json["id"]
@@ -378,16 +381,13 @@ impl Api {
 
     /// The raw send response.
     pub async fn send_raw(&self, channel: &str, message: &Json) -> reqwest::Response {
-        within(
-            T,
-            "send",
-            self.http
-                .post(self.url(&format!("/v1/channels/{channel}/messages")))
-                .json(message)
-                .send(),
-        )
-        .await
-        .expect("send request")
+        self.post_json(&format!("/v1/channels/{channel}/messages"), message)
+            .await
+    }
+
+    /// POSTs `message` as JSON to `path`.
+    pub async fn post_json(&self, path: &str, message: &Json) -> reqwest::Response {
+        fetch(self.http.post(self.url(path)).json(message)).await
     }
 
     /// A receive without waiting: `Some((id, message))` or `None` on 204.
@@ -443,13 +443,7 @@ impl Api {
     /// PUT (group_add) or DELETE (group_discard) a membership; panics unless 204.
     async fn membership(&self, method: reqwest::Method, group: &str, channel: &str) {
         let url = self.url(&format!("/v1/groups/{group}/channels/{channel}"));
-        let response = within(
-            T,
-            "membership request",
-            self.http.request(method.clone(), url).send(),
-        )
-        .await
-        .expect("membership request");
+        let response = fetch(self.http.request(method.clone(), url)).await;
         assert_eq!(
             response.status().as_u16(),
             204,
@@ -459,15 +453,11 @@ impl Api {
 
     /// The members of `group`, as listed by the server.
     pub async fn members(&self, group: &str) -> Vec<String> {
-        let response = within(
-            T,
-            "members",
+        let response = fetch(
             self.http
-                .get(self.url(&format!("/v1/groups/{group}/channels")))
-                .send(),
+                .get(self.url(&format!("/v1/groups/{group}/channels"))),
         )
-        .await
-        .expect("members request");
+        .await;
         let (status, json) = json_of(response).await;
         assert_eq!(status, 200, "members of {group}: {json}");
         assert_eq!(json["group"], group);
@@ -481,16 +471,9 @@ impl Api {
 
     /// group_send; returns (delivered, full).
     pub async fn group_send(&self, group: &str, message: &Json) -> (u64, u64) {
-        let response = within(
-            T,
-            "group_send",
-            self.http
-                .post(self.url(&format!("/v1/groups/{group}/messages")))
-                .json(message)
-                .send(),
-        )
-        .await
-        .expect("group_send request");
+        let response = self
+            .post_json(&format!("/v1/groups/{group}/messages"), message)
+            .await;
         let (status, json) = json_of(response).await;
         assert_eq!(status, 202, "group_send {group}: {json}");
         assert_eq!(json["group"], group);
