@@ -494,7 +494,6 @@ async fn invalid_channel_and_group_names_are_400_invalid_name() {
 #[tokio::test]
 async fn invalid_messages_are_400_invalid_message_or_invalid_body() {
     let server = Server::start().await;
-    let http = client();
     let deep = {
         let mut s = String::from(r#"{"type":"deep","v":"#);
         s.push_str(&"[".repeat(31));
