@@ -132,37 +132,9 @@ fn nested_json(levels: usize) -> String {
     s
 }
 
-#[tokio::test]
-async fn hostile_message_bodies_are_refused_and_stored_data_stays_intact() {
-    let server = Server::start().await;
-    let api = Api::new(&server);
-    let victim = store_victim(&api).await;
-
-    let mut deep_msgpack = vec![0x82, 0xa4, b't', b'y', b'p', b'e', 0xa1, b'x', 0xa1, b'v'];
-    deep_msgpack.extend(std::iter::repeat_n(0x91, 100_000));
-    deep_msgpack.push(0x01);
-    let mut deep_msgpack_maps = vec![0x82, 0xa4, b't', b'y', b'p', b'e', 0xa1, b'x'];
-    for _ in 0..50_000 {
-        deep_msgpack_maps.extend_from_slice(&[0xa1, b'v', 0x81]);
-    }
-    deep_msgpack_maps.extend_from_slice(&[0xa1, b'v', 0xc0]);
-    let valid_msgpack = mp_encode(&mp_map(vec![("type", Mp::from("x"))]));
-    let mut trailing = valid_msgpack.clone();
-    trailing.extend_from_slice(b"garbage");
-    let mut two_messages = valid_msgpack.clone();
-    two_messages.extend_from_slice(&valid_msgpack);
-    let with_ext = mp_encode(&mp_map(vec![
-        ("type", Mp::from("x")),
-        ("e", Mp::Ext(5, vec![1, 2, 3])),
-    ]));
-    let int_key = mp_encode(&Mp::Map(vec![
-        (Mp::from("type"), Mp::from("x")),
-        (Mp::Nil, Mp::from(1)),
-    ]));
-    // A str claiming 2 bytes that are not UTF-8.
-    let bad_utf8_str = vec![0x81, 0xa4, b't', b'y', b'p', b'e', 0xa2, 0xff, 0xfe];
-
-    let cases = vec![
+/// Bodies declared as JSON, text or a form that are no valid message, each with its code.
+fn hostile_json_bodies() -> Vec<Case> {
+    vec![
         Case::post(
             "truncated JSON",
             "application/json",
@@ -280,6 +252,36 @@ async fn hostile_message_bodies_are_refused_and_stored_data_stays_intact() {
             vec![0xff; 10],
             "invalid_body",
         ),
+    ]
+}
+
+/// Bodies declared as msgpack (and msgpack declared as JSON) that are no valid message.
+fn hostile_msgpack_bodies() -> Vec<Case> {
+    let mut deep_msgpack = vec![0x82, 0xa4, b't', b'y', b'p', b'e', 0xa1, b'x', 0xa1, b'v'];
+    deep_msgpack.extend(std::iter::repeat_n(0x91, 100_000));
+    deep_msgpack.push(0x01);
+    let mut deep_msgpack_maps = vec![0x82, 0xa4, b't', b'y', b'p', b'e', 0xa1, b'x'];
+    for _ in 0..50_000 {
+        deep_msgpack_maps.extend_from_slice(&[0xa1, b'v', 0x81]);
+    }
+    deep_msgpack_maps.extend_from_slice(&[0xa1, b'v', 0xc0]);
+    let valid_msgpack = mp_encode(&mp_map(vec![("type", Mp::from("x"))]));
+    let mut trailing = valid_msgpack.clone();
+    trailing.extend_from_slice(b"garbage");
+    let mut two_messages = valid_msgpack.clone();
+    two_messages.extend_from_slice(&valid_msgpack);
+    let with_ext = mp_encode(&mp_map(vec![
+        ("type", Mp::from("x")),
+        ("e", Mp::Ext(5, vec![1, 2, 3])),
+    ]));
+    let int_key = mp_encode(&Mp::Map(vec![
+        (Mp::from("type"), Mp::from("x")),
+        (Mp::Nil, Mp::from(1)),
+    ]));
+    // A str claiming 2 bytes that are not UTF-8.
+    let bad_utf8_str = vec![0x81, 0xa4, b't', b'y', b'p', b'e', 0xa2, 0xff, 0xfe];
+
+    vec![
         Case::post(
             "msgpack nested 100,000 arrays",
             "application/msgpack",
@@ -370,16 +372,43 @@ async fn hostile_message_bodies_are_refused_and_stored_data_stays_intact() {
             valid_msgpack.clone(),
             "invalid_body",
         ),
-    ];
-    for case in &cases {
+    ]
+}
+
+#[tokio::test]
+async fn hostile_json_bodies_are_refused_and_stored_data_stays_intact() {
+    let server = Server::start().await;
+    let api = Api::new(&server);
+    let victim = store_victim(&api).await;
+    for case in &hostile_json_bodies() {
         case.run(&api).await;
     }
-    // The same bodies through group_send.
-    for case in cases.iter().take(5) {
+    assert_intact(&api, victim).await;
+}
+
+#[tokio::test]
+async fn hostile_msgpack_bodies_are_refused_and_stored_data_stays_intact() {
+    let server = Server::start().await;
+    let api = Api::new(&server);
+    let victim = store_victim(&api).await;
+    for case in &hostile_msgpack_bodies() {
+        case.run(&api).await;
+    }
+    assert_intact(&api, victim).await;
+}
+
+#[tokio::test]
+async fn hostile_bodies_sent_to_a_group_are_refused_alike() {
+    let server = Server::start().await;
+    let api = Api::new(&server);
+    let victim = store_victim(&api).await;
+    let json = hostile_json_bodies().into_iter().take(5);
+    let msgpack = hostile_msgpack_bodies().into_iter().take(5);
+    for case in json.chain(msgpack) {
         let mut group_case = Case::post(
             &format!("group_send: {}", case.what),
             case.content_type.unwrap(),
-            case.body.clone(),
+            case.body,
             case.code,
         );
         group_case.path = "/v1/groups/victim.group/messages".to_string();
