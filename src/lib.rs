@@ -18,6 +18,7 @@ pub mod config;
 pub mod http;
 pub mod layer;
 pub mod message;
+pub mod names;
 pub mod server;
 pub mod store;
 

@@ -10,7 +10,7 @@ use layer_common::{TestLayer, msg, n_of, take};
 
 fn assert_invalid_name<T: std::fmt::Debug>(result: Result<T, Error>, expected: &str) {
     match result {
-        Err(Error::InvalidName(text)) => assert!(text.contains(expected), "{text}"),
+        Err(Error::InvalidName(e)) => assert!(e.to_string().contains(expected), "{e}"),
         other => panic!("expected invalid_name mentioning {expected:?}, got {other:?}"),
     }
 }

@@ -11,6 +11,7 @@ use super::reply::{Doc, Format, respond};
 use crate::auth::Denied;
 use crate::layer;
 use crate::message::MessageError;
+use crate::names::NameError;
 use crate::store::StoreError;
 
 /// What kind of failure; each has one code and one status.
@@ -171,6 +172,12 @@ impl From<Denied> for ApiError {
             Denied::Unauthorized(why) => ApiError::new(ErrorKind::Unauthorized, why),
             Denied::Forbidden(why) => ApiError::new(ErrorKind::Forbidden, why),
         }
+    }
+}
+
+impl From<NameError> for ApiError {
+    fn from(e: NameError) -> Self {
+        ApiError::from(layer::Error::from(e))
     }
 }
 

@@ -24,7 +24,7 @@ use super::reply::Doc;
 use super::subscription::{Push, Spec, Subscription};
 use super::{Api, Query};
 use crate::auth::{Held, Need, Target};
-use crate::layer::names;
+use crate::names;
 
 /// How long a browser turned away at the connection limit waits before retrying.
 const RETRY_WHEN_FULL: Duration = Duration::from_secs(5);

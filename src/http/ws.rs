@@ -467,7 +467,7 @@ impl Connection {
     fn receive(&self, request: &Request) -> Result<(), ApiError> {
         let channel = request.str("channel")?.to_string();
         self.authorize(&[Need::Subscribe(Target::Channel(channel.clone()))])?;
-        crate::layer::names::check_channel(&channel)?;
+        crate::names::check_channel(&channel)?;
         let wait = match request.get("wait") {
             None | Some(Value::Nil) => Duration::ZERO,
             Some(Value::Integer(i)) => {
@@ -526,7 +526,7 @@ impl Connection {
         let channel = request.str("channel")?.to_string();
         let needs = vec![Need::Subscribe(Target::Channel(channel.clone()))];
         let access = self.authorize(&needs)?;
-        crate::layer::names::check_channel(&channel)?;
+        crate::names::check_channel(&channel)?;
         let spec = Spec {
             channel: channel.clone(),
             last_event_id: request.optional_id("last_event_id")?,

@@ -46,7 +46,7 @@ pub(super) struct Channel {
     /// The highest id that left this channel without being delivered or kept for
     /// replay (expired, or pushed out of the replay log): resuming after an earlier id
     /// may have missed it. A new channel state starts at the layer's lost watermark
-    /// (see [`keys::LOST`](crate::store::keys::LOST)), since what an earlier, forgotten
+    /// (see [`Store::lost_upto`](crate::store::Store::lost_upto)), since what an earlier, forgotten
     /// state of the same channel lost is known only up to it.
     pub lost_upto: u64,
     /// Receive cursor: the highest id taken off the queue.

@@ -12,11 +12,12 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
+use super::batch::WriteBatch;
 use super::keys::{self, FORMAT_VERSION};
 use super::record::{MAX_BATCH_BYTES, MessageBatch, Record, Target};
-use super::{Store, StoreError};
+use super::{Store, StoreError, Stored};
 // Names become parts of keys: the same rules as the layer's keep the key layout sound.
-use crate::layer::names;
+use crate::names;
 
 /// The version of the dump format this build writes and reads.
 pub const DUMP_VERSION: u32 = 1;
@@ -86,24 +87,17 @@ pub enum ImportError {
     Read(#[from] std::io::Error),
 }
 
-fn corrupt(store: &Store, what: &str) -> StoreError {
-    StoreError::Corrupt {
-        path: store.path().to_path_buf(),
-        detail: format!("unreadable {what}"),
-    }
-}
-
 impl Store {
-    /// Writes every stored record to `out`, one JSON line each, in key order.
+    /// Writes every stored record to `out`, one JSON line each, in the order of
+    /// [`Store::recover`].
     pub fn export<W: Write + ?Sized>(
         &self,
         now_ms: u64,
         out: &mut W,
     ) -> Result<DumpStats, StoreError> {
-        let io = |e: std::io::Error| StoreError::Io(format!("writing the dump: {e}"));
         let mut write = |line: &Line| -> Result<(), StoreError> {
-            serde_json::to_writer(&mut *out, line).map_err(|e| io(e.into()))?;
-            out.write_all(b"\n").map_err(io)
+            serde_json::to_writer(&mut *out, line).map_err(|e| StoreError::Dump(e.into()))?;
+            out.write_all(b"\n").map_err(StoreError::Dump)
         };
         write(&Line::Header {
             herald_dump: DUMP_VERSION,
@@ -112,60 +106,55 @@ impl Store {
             next_id: self.next_id()?,
         })?;
         let mut stats = DumpStats::default();
-        for item in self.scan(&[keys::MESSAGE]) {
-            let (_, value) = item?;
-            for record in MessageBatch::decode(&value) {
-                let (id, record) = record.ok_or_else(|| corrupt(self, "message"))?;
-                let (channel, group) = match record.target {
-                    Target::Channel(c) => (Some(c), None),
-                    Target::Group(g) => (None, Some(g)),
-                };
-                write(&Line::Message {
-                    id,
-                    sent_at_ms: record.sent_at_ms,
-                    channel,
+        for stored in self.recover() {
+            let line = match stored? {
+                Stored::Membership {
                     group,
-                    skipped: record.skipped,
-                    body: BASE64.encode(&record.body),
-                })?;
-            }
-            stats.messages += 1;
+                    channel,
+                    joined_id,
+                    last_add_ms,
+                } => {
+                    stats.memberships += 1;
+                    Line::Membership {
+                        group,
+                        channel,
+                        joined_id,
+                        last_add_ms,
+                    }
+                }
+                Stored::Cursor {
+                    channel,
+                    taken_upto,
+                } => {
+                    stats.cursors += 1;
+                    Line::Cursor {
+                        channel,
+                        taken_upto,
+                    }
+                }
+                Stored::Pin { id, channel } => {
+                    stats.references += 1;
+                    Line::Reference { id, channel }
+                }
+                Stored::Message { id, record } => {
+                    stats.messages += 1;
+                    let (channel, group) = match record.target {
+                        Target::Channel(c) => (Some(c), None),
+                        Target::Group(g) => (None, Some(g)),
+                    };
+                    Line::Message {
+                        id,
+                        sent_at_ms: record.sent_at_ms,
+                        channel,
+                        group,
+                        skipped: record.skipped,
+                        body: BASE64.encode(&record.body),
+                    }
+                }
+            };
+            write(&line)?;
         }
-        for item in self.scan(&[keys::MEMBERSHIP]) {
-            let (key, value) = item?;
-            let (group, channel) =
-                keys::membership_parts(&key).ok_or_else(|| corrupt(self, "membership"))?;
-            let (joined_id, last_add_ms) =
-                keys::decode_membership(&value).ok_or_else(|| corrupt(self, "membership"))?;
-            write(&Line::Membership {
-                group: group.to_string(),
-                channel: channel.to_string(),
-                joined_id,
-                last_add_ms,
-            })?;
-            stats.memberships += 1;
-        }
-        for item in self.scan(&[keys::CURSOR]) {
-            let (key, value) = item?;
-            let channel = keys::cursor_channel(&key).ok_or_else(|| corrupt(self, "cursor"))?;
-            let taken_upto = keys::decode_u64(&value).ok_or_else(|| corrupt(self, "cursor"))?;
-            write(&Line::Cursor {
-                channel: channel.to_string(),
-                taken_upto,
-            })?;
-            stats.cursors += 1;
-        }
-        for item in self.scan(&[keys::REF]) {
-            let (key, _) = item?;
-            let (id, channel) =
-                keys::reference_parts(&key).ok_or_else(|| corrupt(self, "reference"))?;
-            write(&Line::Reference {
-                id,
-                channel: channel.to_string(),
-            })?;
-            stats.references += 1;
-        }
-        out.flush().map_err(io)?;
+        out.flush().map_err(StoreError::Dump)?;
         Ok(stats)
     }
 
@@ -179,7 +168,7 @@ impl Store {
             return Err(ImportError::NotEmpty(self.path().display().to_string()));
         }
         let mut stats = DumpStats::default();
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteBatch::default();
         // Messages are stored in batches, as the flusher writes them.
         let mut messages: Option<MessageBatch> = None;
         let mut last_id = None;
@@ -252,7 +241,7 @@ impl Store {
                         Some(open) if open.size() < MAX_BATCH_BYTES => open.push(id, &record),
                         _ => {
                             if let Some(full) = messages.replace(MessageBatch::new(id, &record)) {
-                                batch.insert(&keys::message(full.first_id()), full.into_bytes());
+                                batch.put_messages(full);
                             }
                         }
                     }
@@ -266,10 +255,7 @@ impl Store {
                 } => {
                     names::check_group(&group).map_err(|e| invalid(e.to_string()))?;
                     names::check_channel(&channel).map_err(|e| invalid(e.to_string()))?;
-                    batch.insert(
-                        keys::membership(&group, &channel),
-                        keys::encode_membership(joined_id, last_add_ms).as_slice(),
-                    );
+                    batch.put_membership(&group, &channel, joined_id, last_add_ms);
                     stats.memberships += 1;
                 }
                 Line::Cursor {
@@ -277,15 +263,12 @@ impl Store {
                     taken_upto,
                 } => {
                     names::check_channel(&channel).map_err(|e| invalid(e.to_string()))?;
-                    batch.insert(
-                        keys::cursor(&channel),
-                        keys::encode_u64(taken_upto).as_slice(),
-                    );
+                    batch.put_cursor(&channel, taken_upto);
                     stats.cursors += 1;
                 }
                 Line::Reference { id, channel } => {
                     names::check_channel(&channel).map_err(|e| invalid(e.to_string()))?;
-                    batch.insert(keys::reference(id, &channel), &[]);
+                    batch.pin(id, &channel);
                     stats.references += 1;
                 }
             }
@@ -297,10 +280,41 @@ impl Store {
             });
         }
         if let Some(last) = messages {
-            batch.insert(&keys::message(last.first_id()), last.into_bytes());
+            batch.put_messages(last);
         }
         self.apply(batch)?;
         self.flush_blocking()?;
         Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn export_counts_messages_not_the_batches_they_are_stored_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_for_test(dir.path()).unwrap();
+        let mut ticket = None;
+        for id in 1..=50 {
+            let record = Record {
+                sent_at_ms: 1,
+                target: Target::Channel("c".into()),
+                skipped: Vec::new(),
+                body: bytes::Bytes::from_static(b"\x81\xa4type\xa1x"),
+            };
+            ticket = Some(store.append(id, &record).unwrap());
+        }
+        // One flush: the 50 records share one stored batch.
+        store.commit(ticket.unwrap()).await.unwrap();
+        let mut out = Vec::new();
+        let stats = store.export(0, &mut out).unwrap();
+        let lines = String::from_utf8(out).unwrap();
+        let message_lines = lines
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"message\""))
+            .count();
+        assert_eq!((stats.messages, message_lines), (50, 50));
     }
 }

@@ -83,7 +83,9 @@ impl Failure {
         if self.full {
             StoreError::Full
         } else {
-            StoreError::Io(self.message.clone())
+            StoreError::Failing {
+                cause: self.message.clone(),
+            }
         }
     }
 }
@@ -163,10 +165,6 @@ impl Handle {
         self.write(|db| db.generate_id())
     }
 
-    pub fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
-        self.read(|db| db.get(key))
-    }
-
     /// Flushes durably against power loss: new blob files first, then sled's flush,
     /// then its log's bytes and size (see [`super::disk`]).
     pub fn flush(&self) -> Result<usize, StoreError> {
@@ -198,7 +196,7 @@ impl Handle {
     fn closed_error(&self) -> StoreError {
         match self.failing() {
             Some(failure) => failure.to_error(),
-            None => StoreError::Io("the database is closed".into()),
+            None => StoreError::Closed,
         }
     }
 
@@ -324,18 +322,7 @@ impl Handle {
 
     /// Opens the database again; it must still hold its format version.
     fn open(&self) -> Result<Open, StoreError> {
-        // An iterator may still hold the old `Db` (and its file lock) for a moment.
-        let mut attempts = 0;
-        let db = loop {
-            match self.config.open() {
-                Ok(db) => break db,
-                Err(e) if attempts < 20 && e.to_string().contains("could not acquire lock") => {
-                    attempts += 1;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let db = super::open_sled(&self.config, &self.path)?;
         if db.get(keys::VERSION)?.is_none() {
             return Err(StoreError::Corrupt {
                 path: self.path.clone(),

@@ -231,7 +231,12 @@ mod tests {
             [(5, vec![(5, record(100))]), (9, vec![(9, record(200))]),]
         );
         assert_eq!(
-            store.get(VERSION).unwrap().unwrap().as_ref(),
+            store
+                .db
+                .read(|db| db.get(VERSION))
+                .unwrap()
+                .unwrap()
+                .as_ref(),
             FORMAT_VERSION.to_be_bytes()
         );
     }

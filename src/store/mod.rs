@@ -18,13 +18,16 @@
 //!
 //! The store knows nothing of HTTP.
 
+mod batch;
 mod disk;
 pub mod dump;
 mod handle;
-pub mod keys;
+mod keys;
 mod migrate;
 pub mod record;
+mod recovery;
 mod space;
+mod sweep;
 mod watermark;
 
 use std::io;
@@ -42,9 +45,10 @@ use handle::{Failure, Handle};
 use record::{MAX_BATCH_BYTES, MessageBatch, Record};
 use watermark::{Mark, WatermarkFile};
 
+pub use batch::WriteBatch;
 pub use disk::sync_parent;
-
-pub use migrate::MIGRATIONS;
+pub use recovery::Stored;
+pub use sweep::Deleted;
 
 /// Storage failures, worded for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -84,15 +88,28 @@ pub enum StoreError {
     /// The data directory would pass `storage.max_disk_bytes`.
     #[error("the data directory is at its limit of {limit} bytes (storage.max_disk_bytes)")]
     DiskLimit { limit: u64 },
+    /// sled failed: an I/O error other than a full disk, or damage it found.
     #[error("storage failure: {0}")]
-    Io(String),
+    Sled(sled::Error),
+    /// Writes fail since an earlier error (`cause`), until the database is reopened.
+    #[error("{cause}")]
+    Failing { cause: String },
+    /// The store was closed while a write waited for its flush.
+    #[error("the store is closed")]
+    Closed,
+    /// One of the store's threads could not be started.
+    #[error("cannot start a storage thread: {0}")]
+    Thread(#[source] io::Error),
+    /// A dump could not be written to its destination.
+    #[error("writing the dump: {0}")]
+    Dump(#[source] io::Error),
 }
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         match e {
             sled::Error::Io(io) if is_full(&io) => StoreError::Full,
-            e => StoreError::Io(e.to_string()),
+            e => StoreError::Sled(e),
         }
     }
 }
@@ -190,6 +207,8 @@ pub struct Store {
     /// Added to sled's id generator: set once by an import so that new ids follow the
     /// imported ones.
     id_floor: u64,
+    /// See [`Store::lost_upto`].
+    lost: AtomicU64,
     /// What was lost, when opened with [`OnDataLoss::Accept`] on a damaged log.
     data_loss: Option<String>,
     space: space::Space,
@@ -228,10 +247,11 @@ impl Store {
             });
         }
         migrate::check_and_upgrade(&db, path)?;
-        let id_floor = db
-            .get(keys::ID_FLOOR)?
-            .and_then(|v| keys::decode_u64(&v))
-            .unwrap_or(0);
+        let read_u64 = |key| -> Result<u64, StoreError> {
+            Ok(db.get(key)?.and_then(|v| keys::decode_u64(&v)).unwrap_or(0))
+        };
+        let id_floor = read_u64(keys::ID_FLOOR)?;
+        let lost = AtomicU64::new(read_u64(keys::LOST)?);
         let stored = db
             .get(keys::WATERMARK)?
             .and_then(|v| Mark::decode(&v))
@@ -264,7 +284,7 @@ impl Store {
                 file_written_at: Instant::now(),
             }),
         });
-        let spawn_failed = |e: io::Error| StoreError::Io(format!("starting a thread: {e}"));
+        let spawn_failed = StoreError::Thread;
         let thread = {
             let db = db.clone();
             let flusher = flusher.clone();
@@ -288,9 +308,16 @@ impl Store {
             thread: Mutex::new(Some(thread)),
             healer: Mutex::new(Some(healer)),
             id_floor,
+            lost,
             data_loss,
             space: space::Space::default(),
         })
+    }
+
+    /// The lost watermark: no message with a higher id was deleted yet (see
+    /// [`keys::LOST`]).
+    pub fn lost_upto(&self) -> u64 {
+        self.lost.load(Ordering::SeqCst)
     }
 
     /// What the log had lost when this store was opened anyway ([`OnDataLoss::Accept`]).
@@ -306,11 +333,6 @@ impl Store {
     /// The next id of the global sequence; it only grows, also across restarts.
     pub fn next_id(&self) -> Result<u64, StoreError> {
         Ok(self.id_floor + self.db.generate_id()? + 1)
-    }
-
-    /// Reads one key.
-    pub fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
-        self.db.get(key)
     }
 
     /// Stores a message record. In `sync` mode it waits in memory and the flusher writes
@@ -337,9 +359,9 @@ impl Store {
     }
 
     /// Applies a batch atomically.
-    pub fn apply(&self, batch: sled::Batch) -> Result<Ticket, StoreError> {
+    pub fn apply(&self, batch: WriteBatch) -> Result<Ticket, StoreError> {
         self.db.write(|db| {
-            db.apply_batch(batch)?;
+            db.apply_batch(batch.into_sled())?;
             Ok(self.written())
         })
     }
@@ -356,6 +378,7 @@ impl Store {
             // Kept: the watermark file may vouch for it already.
             db.insert(keys::WATERMARK, &mark.encode())?;
             db.insert(keys::LOST, &keys::encode_u64(lost_upto))?;
+            self.lost.fetch_max(lost_upto, Ordering::SeqCst);
             Ok(self.written())
         })
     }
@@ -378,10 +401,7 @@ impl Store {
             tokio::task::yield_now().await;
             self.flusher.request();
         }
-        let state = rx
-            .wait_for(settled)
-            .await
-            .map_err(|_| StoreError::Io("the store is closed".into()))?;
+        let state = rx.wait_for(settled).await.map_err(|_| StoreError::Closed)?;
         if let Some(failure) = state.lost(ticket.0) {
             Err(failure.to_error())
         } else if state.upto >= ticket.0 {
@@ -389,7 +409,9 @@ impl Store {
         } else {
             Err(match &state.error {
                 Some(failure) => failure.to_error(),
-                None => StoreError::Io("flush failed".into()),
+                None => StoreError::Failing {
+                    cause: "a flush failed".into(),
+                },
             })
         }
     }
@@ -420,7 +442,7 @@ impl Store {
     }
 
     /// All entries whose key starts with `prefix`, in key order.
-    pub fn scan(
+    fn scan(
         &self,
         prefix: &[u8],
     ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + use<> {
@@ -428,7 +450,7 @@ impl Store {
     }
 
     /// Entries in `[from, to)`, in key order.
-    pub fn range(
+    fn range(
         &self,
         from: &[u8],
         to: &[u8],
@@ -706,8 +728,8 @@ fn yield_to_requests() {
 }
 
 /// Opens sled, waiting up to [`LOCK_WAIT`] for the directory's lock: a database closed a
-/// moment ago in this process (a reopen, a migration) releases it from one of sled's
-/// background threads, shortly after the close returns.
+/// moment ago in this process (a reopen, a migration) or an iterator that still holds
+/// it releases the lock from one of sled's background threads, shortly after.
 fn open_sled(config: &sled::Config, path: &Path) -> Result<sled::Db, StoreError> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
@@ -722,10 +744,11 @@ fn open_sled(config: &sled::Config, path: &Path) -> Result<sled::Db, StoreError>
 
 fn open_error(path: &Path, e: sled::Error) -> StoreError {
     match e {
-        sled::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock => StoreError::Locked {
-            path: path.to_path_buf(),
-        },
-        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+        // sled reports a held lock as `ErrorKind::Other` with this text.
+        sled::Error::Io(io)
+            if io.kind() == io::ErrorKind::WouldBlock
+                || io.to_string().contains("could not acquire lock") =>
+        {
             StoreError::Locked {
                 path: path.to_path_buf(),
             }
@@ -742,7 +765,7 @@ fn open_error(path: &Path, e: sled::Error) -> StoreError {
             path: path.to_path_buf(),
             cause: io.to_string(),
         },
-        e => StoreError::Io(e.to_string()),
+        e => StoreError::Sled(e),
     }
 }
 
@@ -802,14 +825,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open_for_test(dir.path()).unwrap();
-            let mut batch = sled::Batch::default();
-            batch.insert(keys::cursor("a"), &keys::encode_u64(5));
+            let mut batch = WriteBatch::default();
+            batch.put_cursor("a", 5);
             let ticket = store.apply(batch).unwrap();
             store.commit(ticket).await.unwrap();
         }
         let store = Store::open_for_test(dir.path()).unwrap();
-        let value = store.get(&keys::cursor("a")).unwrap().unwrap();
-        assert_eq!(keys::decode_u64(&value), Some(5));
+        let stored: Vec<Stored> = store.recover().map(Result::unwrap).collect();
+        assert_eq!(
+            stored,
+            [Stored::Cursor {
+                channel: "a".into(),
+                taken_upto: 5
+            }]
+        );
     }
 
     #[cfg(target_os = "linux")]
@@ -850,7 +879,7 @@ mod tests {
         let quota = sled::Error::Io(io::Error::from_raw_os_error(122));
         assert!(matches!(StoreError::from(quota), StoreError::Full));
         let other = sled::Error::Io(io::Error::from_raw_os_error(5));
-        assert!(matches!(StoreError::from(other), StoreError::Io(_)));
+        assert!(matches!(StoreError::from(other), StoreError::Sled(_)));
     }
 
     #[test]

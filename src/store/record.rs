@@ -158,16 +158,18 @@ impl MessageBatch {
         bytes.len().saturating_sub(8)
     }
 
-    /// The id of the last record of a stored batch, read without decoding the records.
-    pub fn decode_last_id(bytes: &[u8]) -> Option<u64> {
+    /// How many records a stored batch holds and the id of the last, read without
+    /// decoding the records; `None` if the batch is damaged.
+    pub fn decode_extent(bytes: &[u8]) -> Option<(usize, u64)> {
         let mut reader = Reader(bytes.get(8..)?);
-        let mut last = None;
+        let mut extent = None;
         while !reader.0.is_empty() {
-            last = Some(u64::from_be_bytes(reader.take(8)?.try_into().ok()?));
+            let id = u64::from_be_bytes(reader.take(8)?.try_into().ok()?);
             let len = u32::from_be_bytes(reader.take(4)?.try_into().ok()?) as usize;
             reader.take(len)?;
+            extent = Some((extent.map_or(0, |(count, _)| count) + 1, id));
         }
-        last
+        extent
     }
 
     /// The records of a stored batch with their ids, in order; a `None` item (and
@@ -257,11 +259,8 @@ mod tests {
             record(100, b"\x80").stored_len() + record(105, b"\x81\xa1a\x01").stored_len()
         );
         assert_eq!(MessageBatch::decode_sent_at(&bytes), Some(105));
-        assert_eq!(MessageBatch::decode_last_id(&bytes), Some(9));
-        assert_eq!(
-            MessageBatch::decode_last_id(&bytes[..bytes.len() - 2]),
-            None
-        );
+        assert_eq!(MessageBatch::decode_extent(&bytes), Some((2, 9)));
+        assert_eq!(MessageBatch::decode_extent(&bytes[..bytes.len() - 2]), None);
         let records: Vec<_> = MessageBatch::decode(&bytes).collect();
         assert_eq!(
             records,

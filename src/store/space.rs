@@ -131,6 +131,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::WriteBatch;
 
     #[test]
     fn reclaim_gives_back_the_files_of_deleted_large_values() {
@@ -139,13 +140,13 @@ mod tests {
         // 40 values of 1 MiB: each a node of its own in blobs/, or several in one.
         let value = vec![7u8; 1 << 20];
         for id in 0..40u64 {
-            let mut batch = sled::Batch::default();
-            batch.insert(&super::super::keys::message(id), value.as_slice());
+            let mut batch = WriteBatch::default();
+            batch.insert(&super::super::keys::message(id), &value);
             store.apply(batch).unwrap();
         }
         store.flush_blocking().unwrap();
         for id in 0..40u64 {
-            let mut batch = sled::Batch::default();
+            let mut batch = WriteBatch::default();
             batch.remove(&super::super::keys::message(id));
             store.apply(batch).unwrap();
         }

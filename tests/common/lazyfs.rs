@@ -37,27 +37,32 @@ impl LazyFs {
         if !script().exists() {
             return skip(format!("{} is missing", script().display()));
         }
+        // LazyFS takes any argument containing "-o" for a FUSE option, so a config
+        // path such as `/tmp/herald-lazyfs-oX1/lazyfs.toml` would be ignored and
+        // LazyFS would read `config/default.toml` from the working directory (ours).
+        // The prefix ends in `_` and tempfile's suffix is alphanumeric: no `-o`.
         let dir = tempfile::Builder::new()
-            .prefix("herald-lazyfs-")
+            .prefix("herald_lazyfs_")
             .tempdir()
             .expect("creating a temp dir");
+        if dir.path().to_string_lossy().contains("-o") {
+            return skip(format!(
+                "{} contains \"-o\", which LazyFS misreads",
+                dir.path().display()
+            ));
+        }
         let fs = LazyFs { dir };
-        // LazyFS now and then aborts while starting when many mounts start at once
-        // (tests run in parallel): try again before giving up.
-        let mut why = String::new();
-        for _ in 0..3 {
-            match fs.run("mount") {
-                Ok(()) => return Some(fs),
-                Err(e) => {
-                    let out = std::fs::read_to_string(fs.dir.path().join("lazyfs.out"))
-                        .unwrap_or_default();
-                    why = format!("{e}; lazyfs.out: {}", out.trim());
-                    let _ = fs.run("umount");
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                }
+        match fs.run("mount") {
+            Ok(()) => Some(fs),
+            Err(e) => {
+                let out =
+                    std::fs::read_to_string(fs.dir.path().join("lazyfs.out")).unwrap_or_default();
+                skip(format!(
+                    "mounting LazyFS failed: {e}; lazyfs.out: {}",
+                    out.trim()
+                ))
             }
         }
-        skip(format!("mounting LazyFS failed: {why}"))
     }
 
     /// A data directory on the mount (not created).

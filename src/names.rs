@@ -1,6 +1,11 @@
-//! Channel and group name rules, as Django Channels checks them.
+//! Channel and group name rules, as Django Channels checks them. Below both the layer
+//! and the store: names become parts of stored keys, and the rules keep them sound
+//! (no NUL, at most 99 bytes).
 
-use super::Error;
+/// A channel, group or prefix name that breaks the rules; the message says how.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NameError(pub(crate) String);
 
 /// Names must be shorter than this many bytes (Django: `len(name) < 100`).
 pub const MAX_NAME_BYTES: usize = 99;
@@ -9,12 +14,12 @@ fn is_name_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
 }
 
-fn check_length(kind: &str, name: &str) -> Result<(), Error> {
+fn check_length(kind: &str, name: &str) -> Result<(), NameError> {
     if name.is_empty() {
-        return Err(Error::InvalidName(format!("{kind} name must not be empty")));
+        return Err(NameError(format!("{kind} name must not be empty")));
     }
     if name.len() > MAX_NAME_BYTES {
-        return Err(Error::InvalidName(format!(
+        return Err(NameError(format!(
             "{kind} name is {} bytes long; the limit is {MAX_NAME_BYTES}",
             name.len()
         )));
@@ -22,10 +27,10 @@ fn check_length(kind: &str, name: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn check_chars(kind: &str, part: &str) -> Result<(), Error> {
+fn check_chars(kind: &str, part: &str) -> Result<(), NameError> {
     match part.bytes().find(|b| !is_name_char(*b)) {
         None => Ok(()),
-        Some(_) => Err(Error::InvalidName(format!(
+        Some(_) => Err(NameError(format!(
             "{kind} name may only contain ASCII letters, digits, '_', '.' and '-'{}",
             if kind == "channel" {
                 ", with at most one '!' after the first character"
@@ -37,14 +42,14 @@ fn check_chars(kind: &str, part: &str) -> Result<(), Error> {
 }
 
 /// Checks a channel name: `^[A-Za-z0-9_.-]+(![A-Za-z0-9_.-]*)?$`, 1 to 99 bytes.
-pub fn check_channel(name: &str) -> Result<(), Error> {
+pub fn check_channel(name: &str) -> Result<(), NameError> {
     check_length("channel", name)?;
     let (head, tail) = match name.split_once('!') {
         Some((head, tail)) => (head, Some(tail)),
         None => (name, None),
     };
     if head.is_empty() {
-        return Err(Error::InvalidName(
+        return Err(NameError(
             "channel name must not start with '!'".to_string(),
         ));
     }
@@ -56,7 +61,7 @@ pub fn check_channel(name: &str) -> Result<(), Error> {
 }
 
 /// Checks a group name: `^[A-Za-z0-9_.-]+$`, 1 to 99 bytes.
-pub fn check_group(name: &str) -> Result<(), Error> {
+pub fn check_group(name: &str) -> Result<(), NameError> {
     check_length("group", name)?;
     check_chars("group", name)
 }
@@ -88,10 +93,7 @@ mod tests {
             "a/b",
             &"a".repeat(100),
         ] {
-            assert!(
-                matches!(check_channel(bad), Err(Error::InvalidName(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(check_channel(bad), Err(NameError(_))), "{bad:?}");
         }
     }
 
