@@ -196,39 +196,31 @@ fn assert_no_panic(server: &Server, which: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_under_full_load_exits_cleanly_and_loses_nothing_acknowledged() {
-    let mut server = Server::start_with(CONFIG).await;
-    let rec: Shared = Arc::default();
-    let stop = CancellationToken::new();
-
+/// Starts every client: the SSE subscribers, the WebSocket and the HTTP publishers.
+fn spawn_clients(
+    server: &Server,
+    rec: &Shared,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for channel in SSE_CHANNELS {
-        tasks.push(tokio::spawn(sse_subscriber(
-            server.base.clone(),
-            channel,
-            rec.clone(),
-            stop.clone(),
-        )));
+        let client = sse_subscriber(server.base.clone(), channel, rec.clone(), stop.clone());
+        tasks.push(tokio::spawn(client));
     }
     for i in 0..WS_CHANNELS.len() {
-        tasks.push(tokio::spawn(ws_publisher(
-            server.ws_url(),
-            i,
-            rec.clone(),
-            stop.clone(),
-        )));
+        let client = ws_publisher(server.ws_url(), i, rec.clone(), stop.clone());
+        tasks.push(tokio::spawn(client));
     }
     for i in 0..HTTP_PUBLISHERS {
-        tasks.push(tokio::spawn(http_publisher(
-            server.base.clone(),
-            i,
-            rec.clone(),
-            stop.clone(),
-        )));
+        let client = http_publisher(server.base.clone(), i, rec.clone(), stop.clone());
+        tasks.push(tokio::spawn(client));
     }
+    tasks
+}
 
-    // Full load for a while, until every kind of publisher has been acknowledged.
+/// Waits [`LOAD_BEFORE_TERM`], then until every kind of client has made progress (every
+/// channel acknowledged 10 times, every stream delivering), for 15 s at most.
+async fn wait_for_full_load(rec: &Shared) {
     let started = Instant::now();
     tokio::time::sleep(LOAD_BEFORE_TERM).await;
     while started.elapsed() < Duration::from_secs(15) {
@@ -241,12 +233,14 @@ async fn sigterm_under_full_load_exits_cleanly_and_loses_nothing_acknowledged() 
                 && SSE_CHANNELS.iter().all(|c| rec.streamed.contains_key(*c))
         };
         if ready {
-            break;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let acked_before = rec.lock().total_acked();
+}
 
+/// Sends SIGTERM and asserts that the server exits 0 in time; returns how long it took.
+async fn terminate(server: &mut Server, rec: &Shared) -> Duration {
     rec.lock().term_at = Some(Instant::now());
     let term_at = Instant::now();
     server.terminate();
@@ -266,6 +260,11 @@ async fn sigterm_under_full_load_exits_cleanly_and_loses_nothing_acknowledged() 
         "exit status after SIGTERM: {status:?}; log:\n{}",
         server.log()
     );
+    exit_after
+}
+
+/// Stops the clients and waits for each to end.
+async fn stop_clients(stop: &CancellationToken, tasks: Vec<tokio::task::JoinHandle<()>>) {
     stop.cancel();
     for task in tasks {
         tokio::time::timeout(Duration::from_secs(20), task)
@@ -273,10 +272,11 @@ async fn sigterm_under_full_load_exits_cleanly_and_loses_nothing_acknowledged() 
             .expect("a client task ends once stopped")
             .expect("a client task does not panic");
     }
-    assert_no_panic(&server, "stopped");
+}
 
-    // Drain every channel on a restarted server.
-    let restarted = server.restart().await;
+/// Receives every message left on every channel: the keys by channel, and any message
+/// without a key (not sent by the test).
+async fn drain(server: &Server) -> (BTreeMap<String, Vec<String>>, Vec<Json>) {
     let http = client();
     let mut drained: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut stray = Vec::new();
@@ -289,7 +289,7 @@ async fn sigterm_under_full_load_exits_cleanly_and_loses_nothing_acknowledged() 
                 "draining {channel} takes too long"
             );
             let r = http
-                .get(restarted.url(&format!("/v1/channels/{channel}/messages?wait=0")))
+                .get(server.url(&format!("/v1/channels/{channel}/messages?wait=0")))
                 .timeout(Duration::from_secs(10))
                 .send()
                 .await
@@ -307,49 +307,84 @@ async fn sigterm_under_full_load_exits_cleanly_and_loses_nothing_acknowledged() 
             }
         }
     }
+    (drained, stray)
+}
+
+/// What the acknowledged messages became: found on a stream or drained, or lost.
+#[derive(Default)]
+struct Tally {
+    /// Acknowledged messages found nowhere.
+    lost: Vec<String>,
+    /// Messages drained after the restart that a stream had delivered before the stop.
+    duplicates: usize,
+    /// Acknowledgements answered after the SIGTERM.
+    acked_after: usize,
+    /// Delivered keys that no publisher sent.
+    never_sent: Vec<String>,
+}
+
+impl Tally {
+    fn of(rec: &Record, drained: &BTreeMap<String, Vec<String>>) -> Tally {
+        let mut tally = Tally::default();
+        for (channel, acked) in &rec.acked {
+            let streamed = rec.streamed.get(channel).cloned().unwrap_or_default();
+            let drained = drained.get(channel).cloned().unwrap_or_default();
+            let streamed_set: HashSet<&String> = streamed.iter().collect();
+            tally.duplicates += drained.iter().filter(|k| streamed_set.contains(k)).count();
+            let present: HashSet<&String> = streamed.iter().chain(drained.iter()).collect();
+            for (key, after_term) in acked {
+                tally.acked_after += usize::from(*after_term);
+                if !present.contains(key) {
+                    tally.lost.push(format!(
+                        "{channel}: {key} (acknowledged {} the SIGTERM)",
+                        if *after_term { "after" } else { "before" }
+                    ));
+                }
+            }
+        }
+        tally.never_sent = rec
+            .streamed
+            .values()
+            .chain(drained.values())
+            .flatten()
+            .filter(|k| !rec.attempted.contains(*k))
+            .cloned()
+            .collect();
+        tally
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_full_load_exits_cleanly_and_loses_nothing_acknowledged() {
+    let mut server = Server::start_with(CONFIG).await;
+    let rec: Shared = Arc::default();
+    let stop = CancellationToken::new();
+    let tasks = spawn_clients(&server, &rec, &stop);
+    wait_for_full_load(&rec).await;
+    let acked_before = rec.lock().total_acked();
+    let exit_after = terminate(&mut server, &rec).await;
+    stop_clients(&stop, tasks).await;
+    assert_no_panic(&server, "stopped");
+
+    let restarted = server.restart().await;
+    let (drained, stray) = drain(&restarted).await;
     assert_no_panic(&restarted, "restarted");
 
     let rec = rec.lock();
-    let mut lost = Vec::new();
-    let mut duplicates = 0;
-    let mut acked_after = 0;
-    for (channel, acked) in &rec.acked {
-        let streamed = rec.streamed.get(channel).cloned().unwrap_or_default();
-        let drained = drained.get(channel).cloned().unwrap_or_default();
-        let streamed_set: HashSet<&String> = streamed.iter().collect();
-        duplicates += drained.iter().filter(|k| streamed_set.contains(k)).count();
-        let present: HashSet<&String> = streamed.iter().chain(drained.iter()).collect();
-        for (key, after_term) in acked {
-            acked_after += usize::from(*after_term);
-            if !present.contains(key) {
-                lost.push(format!(
-                    "{channel}: {key} (acknowledged {} the SIGTERM)",
-                    if *after_term { "after" } else { "before" }
-                ));
-            }
-        }
-    }
-    let delivered: Vec<&String> = rec
-        .streamed
-        .values()
-        .chain(drained.values())
-        .flatten()
-        .collect();
-    let never_sent: Vec<&&String> = delivered
-        .iter()
-        .filter(|k| !rec.attempted.contains(**k))
-        .collect();
+    let tally = Tally::of(&rec, &drained);
     println!(
         "shutdown under load: {} attempted, {} acknowledged ({acked_before} before the SIGTERM \
-         was sent, {acked_after} answered after it), {} refused as unavailable, {} connection \
-         errors; {} streamed over SSE, {} drained after the restart ({duplicates} of them also \
+         was sent, {} answered after it), {} refused as unavailable, {} connection \
+         errors; {} streamed over SSE, {} drained after the restart ({} of them also \
          streamed); exit {:.2} s after SIGTERM",
         rec.attempted.len(),
         rec.total_acked(),
+        tally.acked_after,
         rec.unavailable,
         rec.connection_errors,
         rec.streamed.values().map(Vec::len).sum::<usize>(),
         drained.values().map(Vec::len).sum::<usize>(),
+        tally.duplicates,
         exit_after.as_secs_f64(),
     );
     assert!(
@@ -359,19 +394,20 @@ async fn sigterm_under_full_load_exits_cleanly_and_loses_nothing_acknowledged() 
     );
     assert!(stray.is_empty(), "messages not sent by the test: {stray:?}");
     assert!(
-        never_sent.is_empty(),
-        "delivered but never sent: {never_sent:?}"
+        tally.never_sent.is_empty(),
+        "delivered but never sent: {:?}",
+        tally.never_sent
     );
     assert!(
-        lost.is_empty(),
+        tally.lost.is_empty(),
         "{} acknowledged messages are lost after a clean stop, e.g. {:#?}",
-        lost.len(),
-        &lost[..lost.len().min(20)]
+        tally.lost.len(),
+        &tally.lost[..tally.lost.len().min(20)]
     );
     // A clean stop writes every receive cursor (README, Durability): what a stream
     // delivered before the stop is not delivered again.
     assert_eq!(
-        duplicates, 0,
+        tally.duplicates, 0,
         "messages streamed before the clean stop were delivered again after it"
     );
     assert!(rec.total_acked() > 100, "the publishers made progress");

@@ -295,6 +295,107 @@ impl Sample {
     fn amplification(&self) -> f64 {
         self.disk_kib as f64 / self.stored_kib.max(1) as f64
     }
+
+    fn print_header() {
+        println!(
+            "{:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6}",
+            "time s", "published", "received", "RSS KiB", "disk KiB", "stored KiB", "amp"
+        );
+    }
+
+    fn print(&self) {
+        println!(
+            "{:>8.1} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6.1}",
+            self.secs,
+            self.published,
+            self.received,
+            self.rss_kib,
+            self.disk_kib,
+            self.stored_kib,
+            self.amplification()
+        )
+    }
+}
+
+/// Starts the publishers and receivers; each ends by itself at `deadline`.
+fn spawn_load(
+    base: &str,
+    counts: &Arc<Counts>,
+    deadline: Instant,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for i in 0..CHANNEL_PUBLISHERS {
+        let client = channel_publisher(base.to_string(), i, counts.clone(), deadline);
+        tasks.push(tokio::spawn(client));
+    }
+    for i in 0..GROUP_PUBLISHERS {
+        let client = group_publisher(base.to_string(), i, counts.clone(), deadline);
+        tasks.push(tokio::spawn(client));
+    }
+    for queue in 0..CHANNELS.len() + MEMBERS.len() {
+        let client = receiver(base.to_string(), queue, counts.clone(), deadline);
+        tasks.push(tokio::spawn(client));
+    }
+    tasks
+}
+
+/// Prints the totals, the extremes of RSS and disk, and the space amplification after
+/// the warm-up (the first third: queues fill within the 3 s expiry).
+fn print_summary(samples: &[Sample], counts: &Counts, stats: &Json) {
+    let published = counts.published();
+    let received = counts.received();
+    println!(
+        "soak: published {published} ({} group_sends), received {received} ({:.0}%), \
+         {} sends refused as channel_full, {} group deliveries skipped \
+         as full, {} other failures; server stats {stats}",
+        counts.group_sends.load(Ordering::Relaxed),
+        100.0 * received as f64 / published.max(1) as f64,
+        counts.channel_full.load(Ordering::Relaxed),
+        counts.group_full.load(Ordering::Relaxed),
+        counts.failures.load(Ordering::Relaxed),
+    );
+    let rss: Vec<u64> = samples.iter().map(|s| s.rss_kib).collect();
+    let disk: Vec<u64> = samples.iter().map(|s| s.disk_kib).collect();
+    println!(
+        "soak: RSS at start {} KiB, max {} KiB; disk at start {} KiB, max {} KiB",
+        rss[0],
+        rss.iter().max().unwrap(),
+        disk[0],
+        disk.iter().max().unwrap()
+    );
+    let mut amplification: Vec<f64> = samples[samples.len() / 3..]
+        .iter()
+        .filter(|s| s.stored_kib > 0)
+        .map(Sample::amplification)
+        .collect();
+    amplification.sort_by(f64::total_cmp);
+    if let (Some(min), Some(max)) = (amplification.first(), amplification.last()) {
+        println!(
+            "soak: space amplification (data directory ÷ stored message bytes) after warm-up: \
+             median {:.1}, min {min:.1}, max {max:.1}",
+            amplification[amplification.len() / 2]
+        );
+    }
+}
+
+/// Panics unless RSS and disk level off over a run of `secs` (see [`check_levels_off`]).
+fn assert_levels_off(samples: &[Sample], secs: u64) {
+    let d = secs as f64;
+    let checks = [
+        check_levels_off(samples, d, "RSS", |s| s.rss_kib, 2 * 1024),
+        check_levels_off(samples, d, "disk", |s| s.disk_kib, 1024),
+    ];
+    for check in &checks {
+        match check {
+            Ok(verdict) => println!("soak: levels off: {verdict}"),
+            Err(verdict) => println!("soak: GROWS: {verdict}"),
+        }
+    }
+    for check in checks {
+        if let Err(verdict) = check {
+            panic!("does not level off: {verdict}");
+        }
+    }
 }
 
 /// The server's `GET /v1/stats` answer.
@@ -405,59 +506,19 @@ async fn memory_and_disk_stay_bounded_under_constant_load() {
          {GROUP_PUBLISHERS} group publishers at {GROUP_RATE}/s to {} members, config {CONFIG:?}",
         MEMBERS.len()
     );
-    println!(
-        "{:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6}",
-        "time s", "published", "received", "RSS KiB", "disk KiB", "stored KiB", "amp"
-    );
-    let print = |s: &Sample| {
-        println!(
-            "{:>8.1} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6.1}",
-            s.secs,
-            s.published,
-            s.received,
-            s.rss_kib,
-            s.disk_kib,
-            s.stored_kib,
-            s.amplification()
-        )
-    };
+    Sample::print_header();
 
     let start = Instant::now();
     let deadline = start + duration;
     let baseline = sample(0.0, &counts).await;
-    print(&baseline);
-    let mut tasks = Vec::new();
-    for i in 0..CHANNEL_PUBLISHERS {
-        tasks.push(tokio::spawn(channel_publisher(
-            server.base.clone(),
-            i,
-            counts.clone(),
-            deadline,
-        )));
-    }
-    for i in 0..GROUP_PUBLISHERS {
-        tasks.push(tokio::spawn(group_publisher(
-            server.base.clone(),
-            i,
-            counts.clone(),
-            deadline,
-        )));
-    }
-    for queue in 0..CHANNELS.len() + MEMBERS.len() {
-        tasks.push(tokio::spawn(receiver(
-            server.base.clone(),
-            queue,
-            counts.clone(),
-            deadline,
-        )));
-    }
-
+    baseline.print();
+    let tasks = spawn_load(&server.base, &counts, deadline);
     let mut samples = vec![baseline];
     let mut next = start + period;
     while next <= deadline {
         tokio::time::sleep_until(next.into()).await;
         let s = sample(start.elapsed().as_secs_f64(), &counts).await;
-        print(&s);
+        s.print();
         samples.push(s);
         next += period;
     }
@@ -467,72 +528,20 @@ async fn memory_and_disk_stay_bounded_under_constant_load() {
             .expect("a client task ends by itself after the deadline")
             .expect("a client task does not panic");
     }
-    let end = sample(start.elapsed().as_secs_f64(), &counts).await;
-    print(&end);
+    sample(start.elapsed().as_secs_f64(), &counts).await.print();
 
     api.assert_healthy().await;
-    let stats = stats(&http, &server.base).await;
-    let published = counts.published();
-    let received = counts.received();
-    let channel_full = counts.channel_full.load(Ordering::Relaxed);
-    let group_full = counts.group_full.load(Ordering::Relaxed);
-    let failures = counts.failures.load(Ordering::Relaxed);
-    println!(
-        "soak: published {published} ({} group_sends), received {received} ({:.0}%), \
-         {channel_full} sends refused as channel_full, {group_full} group deliveries skipped \
-         as full, {failures} other failures; server stats {stats}",
-        counts.group_sends.load(Ordering::Relaxed),
-        100.0 * received as f64 / published.max(1) as f64
-    );
-    let rss: Vec<u64> = samples.iter().map(|s| s.rss_kib).collect();
-    let disk: Vec<u64> = samples.iter().map(|s| s.disk_kib).collect();
-    println!(
-        "soak: RSS at start {} KiB, max {} KiB; disk at start {} KiB, max {} KiB",
-        rss[0],
-        rss.iter().max().unwrap(),
-        disk[0],
-        disk.iter().max().unwrap()
-    );
-    // After the first third (warm-up: queues fill within the 3 s expiry).
-    let mut amplification: Vec<f64> = samples[samples.len() / 3..]
-        .iter()
-        .filter(|s| s.stored_kib > 0)
-        .map(Sample::amplification)
-        .collect();
-    amplification.sort_by(f64::total_cmp);
-    if let (Some(min), Some(max)) = (amplification.first(), amplification.last()) {
-        println!(
-            "soak: space amplification (data directory ÷ stored message bytes) after warm-up: \
-             median {:.1}, min {min:.1}, max {max:.1}",
-            amplification[amplification.len() / 2]
-        );
-    }
-
+    print_summary(&samples, &counts, &stats(&http, &server.base).await);
     assert_eq!(
-        failures,
+        counts.failures.load(Ordering::Relaxed),
         0,
         "requests failed other than with channel_full: {:#?}",
         counts.failure_notes.lock()
     );
-    assert!(published > 0, "messages were published");
-    assert!(received > 0, "messages were received");
+    assert!(counts.published() > 0, "messages were published");
+    assert!(counts.received() > 0, "messages were received");
     if secs >= LONG_RUN_SECS {
-        let d = secs as f64;
-        let checks = [
-            check_levels_off(&samples, d, "RSS", |s| s.rss_kib, 2 * 1024),
-            check_levels_off(&samples, d, "disk", |s| s.disk_kib, 1024),
-        ];
-        for check in &checks {
-            match check {
-                Ok(verdict) => println!("soak: levels off: {verdict}"),
-                Err(verdict) => println!("soak: GROWS: {verdict}"),
-            }
-        }
-        for check in checks {
-            if let Err(verdict) = check {
-                panic!("does not level off: {verdict}");
-            }
-        }
+        assert_levels_off(&samples, secs);
     }
 
     let status = server.shutdown(Duration::from_secs(15)).await;
