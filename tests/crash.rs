@@ -325,6 +325,172 @@ struct Mode {
     power_cut: Option<&'static str>,
 }
 
+/// What the clients of every cycle share: each publisher's sequence, and the last
+/// event id the SSE reader saw (it resumes from it after each restart).
+struct Clients {
+    seqs: HashMap<&'static str, Arc<Mutex<u64>>>,
+    sse_last: Arc<Mutex<Option<String>>>,
+    rec: Shared,
+}
+
+impl Clients {
+    fn new() -> Clients {
+        Clients {
+            seqs: ["c0", "c1", "ws", "group"]
+                .into_iter()
+                .map(|k| (k, Arc::default()))
+                .collect(),
+            sse_last: Arc::default(),
+            rec: Arc::default(),
+        }
+    }
+
+    /// Starts every publisher, receiver and reader of one cycle against `server`.
+    fn spawn(
+        &self,
+        server: &Server,
+        cycle: usize,
+        stop: &CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let (base, ws_url) = (server.base.clone(), server.ws_url());
+        let (rec, stop) = (&self.rec, stop);
+        let http = |name: &str, channel| {
+            let seq = self.seqs[name].clone();
+            http_publisher(
+                base.clone(),
+                name.into(),
+                channel,
+                cycle,
+                seq,
+                rec.clone(),
+                stop.clone(),
+            )
+        };
+        vec![
+            tokio::spawn(http("c0", HTTP_CHANNELS[0])),
+            tokio::spawn(http("c1", HTTP_CHANNELS[1])),
+            tokio::spawn(group_publisher(
+                base.clone(),
+                cycle,
+                self.seqs["group"].clone(),
+                rec.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(ws_publisher(
+                ws_url.clone(),
+                cycle,
+                self.seqs["ws"].clone(),
+                rec.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(adder(base.clone(), cycle, rec.clone(), stop.clone())),
+            tokio::spawn(long_poller(
+                base.clone(),
+                HTTP_CHANNELS[0],
+                cycle,
+                rec.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(ws_receiver(ws_url, cycle, rec.clone(), stop.clone())),
+            tokio::spawn(self.sse_reader(&base, cycle, stop)),
+        ]
+    }
+
+    fn sse_reader(
+        &self,
+        base: &str,
+        cycle: usize,
+        stop: &CancellationToken,
+    ) -> impl Future<Output = ()> + use<> {
+        let (last, rec) = (self.sse_last.clone(), self.rec.clone());
+        sse_reader(base.to_string(), cycle, last, rec, stop.clone())
+    }
+}
+
+/// Every channel the test sends to.
+fn all_channels() -> Vec<&'static str> {
+    HTTP_CHANNELS
+        .iter()
+        .chain(MEMBERS.iter())
+        .chain([WS_CHANNEL].iter())
+        .copied()
+        .collect()
+}
+
+/// On the last restart: lets the SSE reader resume once more, empties every channel,
+/// and returns the members of [`ADDS_GROUP`].
+async fn drain(server: &Server, clients: &Clients, final_cycle: usize) -> HashSet<String> {
+    let stop = CancellationToken::new();
+    let sse = tokio::spawn(clients.sse_reader(&server.base, final_cycle, &stop));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.cancel();
+    sse.await.unwrap();
+    let http = client();
+    for channel in all_channels() {
+        loop {
+            let r = http
+                .get(server.url(&format!("/v1/channels/{channel}/messages")))
+                .send()
+                .await
+                .unwrap();
+            if r.status().as_u16() == 204 {
+                break;
+            }
+            let body: Json = r.json().await.unwrap();
+            delivered(&clients.rec, channel, &body["message"], final_cycle);
+        }
+    }
+    let r = http
+        .get(server.url(&format!("/v1/groups/{ADDS_GROUP}/channels")))
+        .send()
+        .await
+        .unwrap();
+    r.json::<Json>().await.unwrap()["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Checks what `channel` delivered: nothing never sent, each publisher's order on
+/// first deliveries, a duplicate only in a later cycle than its first delivery.
+/// Returns the acknowledged messages never delivered: (key, when acked, cycle).
+fn check_channel(rec: &Record, channel: &str, seed: u64) -> Vec<(String, Instant, usize)> {
+    let acked = rec.acked.get(channel).cloned().unwrap_or_default();
+    let got = rec.delivered.get(channel).cloned().unwrap_or_default();
+    for (key, _) in &got {
+        assert!(
+            rec.attempted.contains(key),
+            "seed {seed}: {channel} delivered {key}, never sent"
+        );
+    }
+    let mut first_seen: HashMap<&str, usize> = HashMap::new();
+    let mut last_seq: HashMap<&str, u64> = HashMap::new();
+    for (key, cycle) in &got {
+        if let Some(first) = first_seen.get(key.as_str()) {
+            assert!(
+                first < cycle,
+                "seed {seed}: {channel} delivered {key} twice in cycle {cycle}"
+            );
+            continue;
+        }
+        first_seen.insert(key, *cycle);
+        let (publisher, seq) = split_key(key);
+        if let Some(previous) = last_seq.insert(publisher, seq) {
+            assert!(
+                previous < seq,
+                "seed {seed}: {channel} delivered {publisher}:{seq} after {previous}"
+            );
+        }
+    }
+    let seen: HashSet<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+    acked
+        .into_iter()
+        .filter(|(key, _, _)| !seen.contains(key.as_str()))
+        .collect()
+}
+
 async fn run(mode: Mode) {
     let seed = common::seed_from_env("HERALD_CRASH_SEED");
     let (cycles_var, fs) = match mode.power_cut {
@@ -337,19 +503,12 @@ async fn run(mode: Mode) {
     let cycles = cycles(cycles_var);
     println!("crash test: HERALD_CRASH_SEED={seed} {cycles_var}={cycles}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let rec: Shared = Arc::default();
     let work = match &fs {
         Some(fs) => Workdir::with_data_dir(fs.data_dir()),
         None => Workdir::new(),
     };
-    let seqs: HashMap<&str, Arc<Mutex<u64>>> = ["c0", "c1", "ws", "group"]
-        .into_iter()
-        .map(|k| (k, Arc::default()))
-        .collect();
-    let sse_last = Arc::new(Mutex::new(None));
-
+    let clients = Clients::new();
     let mut server = Server::start_in(work.clone(), mode.config).await;
-    let http = client();
     let api = common::Api::new(&server);
     for member in MEMBERS {
         api.group_add(GROUP, member).await;
@@ -359,66 +518,10 @@ async fn run(mode: Mode) {
             server = server.restart().await;
         }
         let stop = CancellationToken::new();
-        let base = server.base.clone();
-        let ws_url = server.ws_url();
-        let tasks = vec![
-            tokio::spawn(http_publisher(
-                base.clone(),
-                "c0".into(),
-                HTTP_CHANNELS[0],
-                cycle,
-                seqs["c0"].clone(),
-                rec.clone(),
-                stop.clone(),
-            )),
-            tokio::spawn(http_publisher(
-                base.clone(),
-                "c1".into(),
-                HTTP_CHANNELS[1],
-                cycle,
-                seqs["c1"].clone(),
-                rec.clone(),
-                stop.clone(),
-            )),
-            tokio::spawn(group_publisher(
-                base.clone(),
-                cycle,
-                seqs["group"].clone(),
-                rec.clone(),
-                stop.clone(),
-            )),
-            tokio::spawn(ws_publisher(
-                ws_url.clone(),
-                cycle,
-                seqs["ws"].clone(),
-                rec.clone(),
-                stop.clone(),
-            )),
-            tokio::spawn(adder(base.clone(), cycle, rec.clone(), stop.clone())),
-            tokio::spawn(long_poller(
-                base.clone(),
-                HTTP_CHANNELS[0],
-                cycle,
-                rec.clone(),
-                stop.clone(),
-            )),
-            tokio::spawn(ws_receiver(
-                ws_url.clone(),
-                cycle,
-                rec.clone(),
-                stop.clone(),
-            )),
-            tokio::spawn(sse_reader(
-                base.clone(),
-                cycle,
-                sse_last.clone(),
-                rec.clone(),
-                stop.clone(),
-            )),
-        ];
+        let tasks = clients.spawn(&server, cycle, &stop);
         tokio::time::sleep(Duration::from_millis(rng.random_range(150..700))).await;
         server.kill().await;
-        rec.lock().kills.push(Instant::now());
+        clients.rec.lock().kills.push(Instant::now());
         if let Some(fs) = &fs {
             fs.power_cut();
         }
@@ -430,95 +533,10 @@ async fn run(mode: Mode) {
                 .expect("a client task does not panic");
         }
     }
-
-    // Drain: the SSE reader resumes once more, then every channel is emptied.
     server = server.restart().await;
-    let final_cycle = cycles;
-    let stop = CancellationToken::new();
-    let sse = tokio::spawn(sse_reader(
-        server.base.clone(),
-        final_cycle,
-        sse_last.clone(),
-        rec.clone(),
-        stop.clone(),
-    ));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.cancel();
-    sse.await.unwrap();
-    let channels: Vec<&str> = HTTP_CHANNELS
-        .iter()
-        .chain(MEMBERS.iter())
-        .chain([WS_CHANNEL].iter())
-        .copied()
-        .collect();
-    for channel in &channels {
-        loop {
-            let r = http
-                .get(server.url(&format!("/v1/channels/{channel}/messages")))
-                .send()
-                .await
-                .unwrap();
-            if r.status().as_u16() == 204 {
-                break;
-            }
-            let body: Json = r.json().await.unwrap();
-            delivered(&rec, channel, &body["message"], final_cycle);
-        }
-    }
-    let r = http
-        .get(server.url(&format!("/v1/groups/{ADDS_GROUP}/channels")))
-        .send()
-        .await
-        .unwrap();
-    let members: HashSet<String> = r.json::<Json>().await.unwrap()["channels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap().to_string())
-        .collect();
+    let members = drain(&server, &clients, cycles).await;
 
-    let rec = rec.lock();
-    let mut total_acked = 0;
-    let mut lost = Vec::new();
-    for channel in &channels {
-        let acked = rec.acked.get(*channel).cloned().unwrap_or_default();
-        let got = rec.delivered.get(*channel).cloned().unwrap_or_default();
-        total_acked += acked.len();
-        let seen: HashSet<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
-        for (key, at, cycle) in &acked {
-            if !seen.contains(key.as_str()) {
-                lost.push((channel.to_string(), key.clone(), *at, *cycle));
-            }
-        }
-        // Nothing delivered that was never sent.
-        for (key, _) in &got {
-            assert!(
-                rec.attempted.contains(key),
-                "seed {seed}: {channel} delivered {key}, never sent"
-            );
-        }
-        // Order per publisher holds (first deliveries), and a duplicate comes only
-        // after a crash that followed its first delivery.
-        let mut first_seen: HashMap<&str, usize> = HashMap::new();
-        let mut last_seq: HashMap<&str, u64> = HashMap::new();
-        for (key, cycle) in &got {
-            if let Some(first) = first_seen.get(key.as_str()) {
-                assert!(
-                    first < cycle,
-                    "seed {seed}: {channel} delivered {key} twice in cycle {cycle}"
-                );
-                continue;
-            }
-            first_seen.insert(key, *cycle);
-            let (publisher, seq) = split_key(key);
-            if let Some(previous) = last_seq.insert(publisher, seq) {
-                assert!(
-                    previous < seq,
-                    "seed {seed}: {channel} delivered {publisher}:{seq} after {previous}"
-                );
-            }
-        }
-    }
+    let rec = clients.rec.lock();
     // In sync mode nothing acknowledged may be lost; in interval mode only what was
     // acknowledged within the window before a kill.
     let check_loss = |what: &str, at: Instant, cycle: usize| match mode.loss_window {
@@ -531,8 +549,12 @@ async fn run(mode: Mode) {
             );
         }
     };
-    for (channel, key, at, cycle) in &lost {
-        check_loss(&format!("{key} on {channel}"), *at, *cycle);
+    let mut lost = 0;
+    for channel in all_channels() {
+        for (key, at, cycle) in check_channel(&rec, channel, seed) {
+            lost += 1;
+            check_loss(&format!("{key} on {channel}"), at, cycle);
+        }
     }
     let mut adds_lost = 0;
     for (add, at, cycle) in &rec.adds {
@@ -541,16 +563,16 @@ async fn run(mode: Mode) {
             check_loss(&format!("group_add of {add}"), *at, *cycle);
         }
     }
+    let total_acked: usize = rec.acked.values().map(Vec::len).sum();
     println!(
-        "crash test: {cycles} kills, {total_acked} acknowledged deliveries, {} lost within the window, {} group_adds ({adds_lost} lost within the window)",
-        lost.len(),
+        "crash test: {cycles} kills, {total_acked} acknowledged deliveries, {lost} lost within the window, {} group_adds ({adds_lost} lost within the window)",
         rec.adds.len()
     );
     assert!(
         total_acked > cycles * 10,
         "the publishers made progress: {total_acked}"
     );
-    assert!(rec.delivered.values().map(Vec::len).sum::<usize>() >= total_acked - lost.len());
+    assert!(rec.delivered.values().map(Vec::len).sum::<usize>() >= total_acked - lost);
 }
 
 const INTERVAL_CONFIG: &str = "[layer]\ncapacity = 1000000\nexpiry_secs = 3600\n[storage]\nsweep_interval_ms = 200\ndurability = \"interval\"\nflush_interval_ms = 100\n";
