@@ -12,7 +12,7 @@ run:
 
 ## Every test: unit, layer (model-based, concurrency, restart) and real-server integration tests.
 test:
-	$(CARGO) test --lib --bins --tests
+	$(CARGO) test --workspace --lib --bins --tests
 
 ## Long runs (release): 10 minutes of constant load whose memory and disk must level
 ## off (tests/soak.rs), then 200 SIGKILL/restart cycles under load (tests/crash.rs).
@@ -22,18 +22,19 @@ soak:
 ## What CI checks besides the tests.
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Criterion benchmarks of the hot paths: message encoding, store append and flush,
 ## send/receive, group_send fan-out (durability as configured by default).
 bench:
 	$(CARGO) bench --bench layer
 
-## The load generator: every `herald bench` scenario against a fresh release server
-## pinned to CPU 0, the bench itself on CPU 1; a table, and JSON in target/bench-load.json.
+## The load generator (herald-bench, benches/load/): every scenario against a fresh
+## release server pinned to CPU 0, the bench itself on CPU 1; a table, and JSON in
+## target/bench-load.json.
 bench-load:
-	$(CARGO) build --release
-	taskset -c 1 ./target/release/herald bench --server-cpu 0 --json target/bench-load.json
+	$(CARGO) build --release -p herald -p herald-bench
+	taskset -c 1 ./target/release/herald-bench --herald-bin ./target/release/herald --server-cpu 0 --json target/bench-load.json
 
 ## Durable HTTP publishing (wrk) against warp hello in the same rounds, pinned like
 ## bench-load; prints each round and Herald's share of hello's rate.

@@ -90,8 +90,17 @@ enum Command {
         token_file: Option<PathBuf>,
     },
     /// Run load scenarios against a fresh server (or --url) and report throughput,
-    /// delivery, latency, errors and server memory.
-    Bench(herald::bench::Options),
+    /// delivery, latency, errors and server memory: runs `herald-bench` (a separate
+    /// program, beside this one) with these arguments; see `herald bench --help`.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Make access tokens: an opaque token for `[[auth.tokens]]`, or a JWT.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -136,6 +145,32 @@ enum TokenCommand {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+}
+
+/// `herald bench ARGS`: replaces this process with `herald-bench ARGS`, found beside
+/// this executable, which starts its servers with this executable. Returns only on
+/// failure.
+fn bench(args: Vec<std::ffi::OsString>) -> Failure {
+    use std::os::unix::process::CommandExt;
+    let not_found = |why: String| Failure {
+        code: 2,
+        message: format!(
+            "herald bench needs the herald-bench binary beside herald ({why}): build it with cargo build --release -p herald-bench"
+        ),
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return not_found(e.to_string()),
+    };
+    let bench = exe.with_file_name("herald-bench");
+    if !bench.is_file() {
+        return not_found(format!("{} is missing", bench.display()));
+    }
+    let error = std::process::Command::new(&bench)
+        .args(args)
+        .env("HERALD_BIN", &exe)
+        .exec();
+    not_found(format!("running {}: {error}", bench.display()))
 }
 
 /// A failed command: the message for stderr and the exit status.
@@ -200,7 +235,7 @@ fn main() -> ExitCode {
             .transpose()
             .and_then(|token| dump::backup(&url, &out, token.as_deref()))
             .map_err(Failure::from),
-        Command::Bench(options) => herald::bench::run(options).map_err(Failure::from),
+        Command::Bench { args } => Err(bench(args)),
         Command::Token(command) => token(command).map_err(Failure::from),
     };
     match result {

@@ -132,3 +132,24 @@ fn an_unwritable_data_dir_is_refused_with_its_path() {
     assert!(stderr.contains(&file.display().to_string()), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `herald bench` runs `herald-bench` from beside `herald`, with every argument; without
+/// it, it says how to build it and exits 2.
+#[test]
+fn bench_runs_herald_bench_from_beside_herald_or_says_how_to_build_it() {
+    let output = herald().args(["bench", "--help"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let beside = std::path::Path::new(env!("CARGO_BIN_EXE_herald")).with_file_name("herald-bench");
+    if beside.is_file() {
+        assert!(output.status.success(), "{output:?}");
+        assert!(stdout.contains("Usage: herald-bench"), "{stdout}");
+        assert!(stdout.contains("--herald-bin"), "{stdout}");
+    } else {
+        assert_eq!(output.status.code(), Some(2), "{output:?}");
+        assert!(
+            stderr.contains("cargo build --release -p herald-bench"),
+            "{stderr}"
+        );
+    }
+}

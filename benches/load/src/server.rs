@@ -61,10 +61,13 @@ impl Server {
         }
     }
 
-    /// Starts `herald serve` (this executable) on 127.0.0.1:0 with a fresh data directory,
-    /// under `taskset -c CPU` when `cpu` is given, and waits for its address.
-    pub async fn start(config: Option<&Path>, cpu: Option<usize>) -> Result<Server, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find herald: {e}"))?;
+    /// Starts `herald serve` (the binary `exe`) on 127.0.0.1:0 with a fresh data
+    /// directory, under `taskset -c CPU` when `cpu` is given, and waits for its address.
+    pub async fn start(
+        exe: &Path,
+        config: Option<&Path>,
+        cpu: Option<usize>,
+    ) -> Result<Server, String> {
         let dir = tempfile::Builder::new()
             .prefix("herald-bench-")
             .tempdir()

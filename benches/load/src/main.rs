@@ -1,5 +1,7 @@
-//! `herald bench`: a load generator that starts (or targets) a server and runs named
-//! scenarios through the public API only, then prints a table and writes JSON.
+//! `herald-bench`: a load generator that starts (or targets) a Herald server and runs
+//! named scenarios through the public API only, then prints a table and writes JSON.
+//! A crate of its own, so that none of it is compiled into the server; `herald bench`
+//! runs it when it is installed beside `herald`.
 //!
 //! # Layout
 //! - [`server`]: the server under test (started per scenario, or `--url`), its RSS.
@@ -8,18 +10,18 @@
 //! - [`scenario`]: the scenarios themselves.
 //! - [`report`]: percentiles, the table and the JSON.
 
-pub mod clients;
-pub mod floor;
-pub mod load;
-pub mod report;
-pub mod scenario;
-pub mod server;
+mod clients;
+mod floor;
+mod load;
+mod report;
+mod scenario;
+mod server;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
+use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
 use load::Transport;
@@ -71,8 +73,13 @@ pub enum PublishTarget {
     Channel,
 }
 
-/// The options of `herald bench`.
-#[derive(Debug, Clone, Args, Serialize)]
+/// The options of `herald-bench`.
+#[derive(Debug, Clone, Parser, Serialize)]
+#[command(
+    name = "herald-bench",
+    version,
+    about = "Load generator for Herald: named scenarios through the public API"
+)]
 pub struct Options {
     /// Scenarios to run in order [default: publish-http publish-ws fanout-sse fanout-ws
     /// latency overload].
@@ -88,6 +95,9 @@ pub struct Options {
     /// Configuration file for the servers the bench starts.
     #[arg(long, value_name = "FILE", conflicts_with = "url")]
     pub server_config: Option<PathBuf>,
+    /// The herald binary to start servers with [default: `herald` beside this program].
+    #[arg(long, value_name = "PATH", env = "HERALD_BIN")]
+    pub herald_bin: Option<PathBuf>,
     /// Pin the servers the bench starts to this CPU (`taskset -c N`).
     #[arg(long, value_name = "N", conflicts_with = "url")]
     pub server_cpu: Option<usize>,
@@ -132,8 +142,18 @@ fn since_base_us() -> u64 {
     base_us(Instant::now())
 }
 
-/// Runs `herald bench`: every scenario, the table on stdout, and the JSON file.
-pub fn run(opts: Options) -> Result<(), String> {
+fn main() -> std::process::ExitCode {
+    match run(Options::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs every scenario, prints the table on stdout, and writes the JSON file.
+fn run(opts: Options) -> Result<(), String> {
     validate(&opts)?;
     BASE.get_or_init(Instant::now);
     let fd_limit = raise_fd_limit();
@@ -163,6 +183,24 @@ pub fn run(opts: Options) -> Result<(), String> {
     }
 }
 
+/// The herald binary that serves: `--herald-bin`, or `herald` beside this program.
+fn herald_bin(opts: &Options) -> Result<PathBuf, String> {
+    let path = match &opts.herald_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find this program's path: {e}"))?
+            .with_file_name("herald"),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "no herald binary at {}: build it (cargo build --release -p herald) or pass --herald-bin",
+            path.display()
+        ))
+    }
+}
+
 /// The `mode` of a scenario that could not run.
 const FAILED: &str = "FAILED";
 
@@ -183,7 +221,13 @@ async fn run_all(opts: &Options) -> Result<Vec<Report>, String> {
             .map_or(String::new(), |v| v.get_name().to_string());
         let mut server = match external {
             Some(addr) => Server::external(addr, opts.server_pid),
-            None => match Server::start(opts.server_config.as_deref(), opts.server_cpu).await {
+            None => match Server::start(
+                &herald_bin(opts)?,
+                opts.server_config.as_deref(),
+                opts.server_cpu,
+            )
+            .await
+            {
                 Ok(server) => server,
                 Err(e) => {
                     reports.push(failed(&name, e));

@@ -1,15 +1,25 @@
-//! `herald bench` end to end: a short real run (the bench starts its own servers) whose
-//! JSON must show publishes, complete fan-out, and no silent loss under overload.
+//! `herald-bench` end to end: a short real run (the bench starts its own servers, the
+//! workspace's `herald` binary) whose JSON must show publishes, complete fan-out, and
+//! no silent loss under overload.
 
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-/// Runs `herald bench ARGS`, killing it if it takes longer than `limit`.
+/// Runs `herald-bench ARGS` with the `herald` built beside it, killing it if it takes
+/// longer than `limit`.
 fn bench(args: &[&str], limit: Duration) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
-    command.arg("bench").args(args).env("RUST_LOG", "warn");
+    let exe = Path::new(env!("CARGO_BIN_EXE_herald-bench"));
+    let herald = exe.with_file_name("herald");
+    assert!(
+        herald.is_file(),
+        "{} is missing: build the workspace (cargo test --workspace, or cargo build -p herald)",
+        herald.display()
+    );
+    let mut command = Command::new(exe);
+    command.args(args).env("RUST_LOG", "warn");
     // The environment of the test run must not change the servers' settings.
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("HERALD_") {
@@ -20,7 +30,7 @@ fn bench(args: &[&str], limit: Duration) -> Output {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("starting herald bench");
+        .expect("starting herald-bench");
     let start = Instant::now();
     while child.try_wait().expect("polling herald bench").is_none() {
         if start.elapsed() > limit {
