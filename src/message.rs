@@ -14,8 +14,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use rmpv::Value;
-use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
 
 /// Deepest nesting a message may have (the top-level map counts as level 1).
 pub const MAX_DEPTH: usize = 32;
@@ -41,7 +42,19 @@ pub enum MessageError {
 #[derive(Debug)]
 pub struct Message {
     msgpack: Bytes,
-    json: OnceLock<String>,
+    json: OnceLock<Box<RawValue>>,
+}
+
+/// A message in a reply: in JSON its JSON text as it is, in msgpack its value (so binary
+/// stays binary and key order is kept either way).
+impl Serialize for Message {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            self.raw_json().serialize(serializer)
+        } else {
+            self.value().serialize(serializer)
+        }
+    }
 }
 
 impl Clone for Message {
@@ -104,7 +117,7 @@ impl Message {
     /// [`Message::from_json`], except that an object without a `"type"` gets
     /// `default_type` (when given) instead of being refused.
     pub fn decode_json(bytes: &[u8], default_type: Option<&str>) -> Result<Self, MessageError> {
-        Message::decode_value(&parse_json(bytes)?, default_type)
+        Message::decode_value(&parse_json_at(bytes, 1)?, default_type)
     }
 
     /// [`Message::from_value`], except that a map without a `"type"` gets
@@ -148,27 +161,16 @@ impl Message {
         rmpv::decode::read_value(&mut &self.msgpack[..]).expect("stored messages are valid")
     }
 
-    /// The message's `"type"`.
-    pub fn message_type(&self) -> String {
-        match self.value() {
-            Value::Map(entries) => entries
-                .into_iter()
-                .find(|(k, _)| k.as_str() == Some("type"))
-                .and_then(|(_, v)| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
-            _ => String::new(),
-        }
-    }
-
     /// The JSON form, on one line; computed once and shared by every reader.
     pub fn json(&self) -> &str {
-        self.json
-            .get_or_init(|| value_to_json(&self.value()).to_string())
+        self.raw_json().get()
     }
 
-    /// The JSON form as a value.
-    pub fn json_value(&self) -> serde_json::Value {
-        value_to_json(&self.value())
+    fn raw_json(&self) -> &RawValue {
+        self.json.get_or_init(|| {
+            serde_json::value::to_raw_value(&value_to_json(&self.value()))
+                .expect("a JSON value always serializes")
+        })
     }
 }
 
@@ -186,12 +188,13 @@ fn with_type(value: &Value, default_type: &str) -> Option<Value> {
 
 /// Parses JSON text straight into a msgpack value, keeping key order (a repeated key
 /// keeps its first place and its last value) and turning `{"$binary": ...}` into
-/// binary. Nesting deeper than [`MAX_DEPTH`] is refused as soon as it is seen.
-pub fn parse_json(bytes: &[u8]) -> Result<Value, MessageError> {
+/// binary. The text's top level is at nesting level `depth` (1 for a message), and
+/// nesting deeper than [`MAX_DEPTH`] is refused as soon as it is seen.
+pub(crate) fn parse_json_at(bytes: &[u8], depth: usize) -> Result<Value, MessageError> {
     let refusal = Cell::new(None);
     let mut parser = serde_json::Deserializer::from_slice(bytes);
     let parsed = JsonValue {
-        depth: 1,
+        depth,
         refusal: &refusal,
     }
     .deserialize(&mut parser)
@@ -390,47 +393,6 @@ fn check_nested(value: &Value, depth: usize) -> Result<(), MessageError> {
     }
 }
 
-/// Converts JSON to a msgpack value (`{"$binary": ...}` to binary), refusing deep nesting.
-pub fn json_to_value(json: &serde_json::Value, depth: usize) -> Result<Value, MessageError> {
-    use serde_json::Value as J;
-    if depth > MAX_DEPTH {
-        return Err(too_deep());
-    }
-    Ok(match json {
-        J::Null => Value::Nil,
-        J::Bool(b) => Value::Boolean(*b),
-        J::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                Value::from(i)
-            } else if let Some(u) = n.as_u64() {
-                Value::from(u)
-            } else {
-                Value::F64(n.as_f64().unwrap_or(f64::NAN))
-            }
-        }
-        J::String(s) => Value::from(s.as_str()),
-        J::Array(items) => Value::Array(
-            items
-                .iter()
-                .map(|v| json_to_value(v, depth + 1))
-                .collect::<Result<_, _>>()?,
-        ),
-        J::Object(map) => {
-            if let (1, Some(J::String(b64))) = (map.len(), map.get(BINARY_KEY)) {
-                let bytes = BASE64.decode(b64).map_err(|_| {
-                    MessageError::Invalid(format!("{BINARY_KEY:?} must hold base64"))
-                })?;
-                return Ok(Value::Binary(bytes));
-            }
-            Value::Map(
-                map.iter()
-                    .map(|(k, v)| Ok((Value::from(k.as_str()), json_to_value(v, depth + 1)?)))
-                    .collect::<Result<_, MessageError>>()?,
-            )
-        }
-    })
-}
-
 /// Converts a msgpack value to JSON (binary to `{"$binary": ...}`).
 pub fn value_to_json(value: &Value) -> serde_json::Value {
     use serde_json::Value as J;
@@ -473,7 +435,6 @@ mod tests {
         let text = r#"{"type":"chat.message","z":1,"a":1.0,"big":18446744073709551615,"neg":-5,"nested":{"b":[true,null,"x"],"a":2.5}}"#;
         let message = Message::from_json(text.as_bytes()).unwrap();
         assert_eq!(message.json(), text);
-        assert_eq!(message.message_type(), "chat.message");
     }
 
     #[test]
@@ -505,14 +466,19 @@ mod tests {
             r#"{"type":"t","x":1,"type":"u","x":2}"#.to_string(),
             format!(r#"{{"type":"t"{many}}}"#),
         ] {
-            let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-            let expected = json_to_value(&json, 1).unwrap();
-            assert_eq!(parse_json(text.as_bytes()).unwrap(), expected, "{text}");
+            let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let parsed = parse_json_at(text.as_bytes(), 1).unwrap();
+            // As text, so that the key order is compared too.
+            assert_eq!(
+                value_to_json(&parsed).to_string(),
+                expected.to_string(),
+                "{text}"
+            );
         }
-        let err = parse_json(br#"{"type":"t","b":{"$binary":"not base64!"}}"#).unwrap_err();
+        let err = parse_json_at(br#"{"type":"t","b":{"$binary":"not base64!"}}"#, 1).unwrap_err();
         assert!(err.to_string().contains("base64"), "{err}");
         assert!(matches!(
-            parse_json(b"{} x"),
+            parse_json_at(b"{} x", 1),
             Err(MessageError::Malformed(_))
         ));
     }

@@ -781,6 +781,25 @@ async fn a_stream_request_that_comes_in_pieces_is_served_too() {
 }
 
 #[tokio::test]
+async fn a_request_pipelined_behind_a_stream_request_is_answered_in_turn() {
+    let server = Server::start().await;
+    // A refused stream request (its answer has a length) with a second request behind it
+    // in the same packet: both are answered, in order.
+    let mut stream = raw_request(
+        &server,
+        &["GET /v1/channels/bad%20name/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"],
+    )
+    .await;
+    let responses = read_until(&mut stream, "\"ok\"").await;
+    let mut statuses = responses.split("HTTP/1.1 ").skip(1);
+    let refused = statuses.next().expect("the stream request's answer");
+    assert!(refused.starts_with("400 Bad Request\r\n"), "{responses}");
+    assert!(refused.contains("invalid_name"), "{responses}");
+    let health = statuses.next().expect("the pipelined request's answer");
+    assert!(health.starts_with("200 OK\r\n"), "{responses}");
+}
+
+#[tokio::test]
 async fn a_refused_stream_on_its_own_connection_gets_a_json_error_with_its_length() {
     let server = Server::start().await;
     let mut stream = raw_request(

@@ -2,12 +2,13 @@
 
 use std::convert::Infallible;
 
+use serde::Serialize;
 use warp::Rejection;
 use warp::http::StatusCode;
 use warp::http::header::{CONNECTION, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use warp::reply::Response;
 
-use super::reply::{Doc, Format, respond};
+use super::reply::{Format, respond};
 use crate::auth::Denied;
 use crate::layer;
 use crate::message::MessageError;
@@ -99,6 +100,19 @@ pub struct ApiError {
 
 impl warp::reject::Reject for ApiError {}
 
+/// What went wrong, as every error body and WebSocket error frame says it.
+#[derive(Serialize)]
+pub(crate) struct ErrorDoc<'a> {
+    code: &'static str,
+    message: &'a str,
+}
+
+/// An HTTP error body: `{"error": {"code": ..., "message": ...}}`.
+#[derive(Serialize)]
+struct ErrorReply<'a> {
+    error: ErrorDoc<'a>,
+}
+
 impl ApiError {
     /// An error of `kind` with `message` for the client.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
@@ -109,10 +123,11 @@ impl ApiError {
     }
 
     /// The `{"code": ..., "message": ...}` document.
-    pub fn doc(&self) -> Doc {
-        Doc::new()
-            .str("code", self.kind.code())
-            .str("message", &self.message)
+    pub(crate) fn doc(&self) -> ErrorDoc<'_> {
+        ErrorDoc {
+            code: self.kind.code(),
+            message: &self.message,
+        }
     }
 
     /// The HTTP answer: always JSON, whatever the request asked for.
@@ -120,7 +135,7 @@ impl ApiError {
         let mut response = respond(
             Format::Json,
             self.kind.status(),
-            Doc::new().doc("error", self.doc()),
+            &ErrorReply { error: self.doc() },
         );
         if self.kind == ErrorKind::ChannelFull {
             response

@@ -2,7 +2,10 @@
 //! refused request changes nothing and learns nothing), admits the request, calls the
 //! layer once, and answers with a document or an error.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use serde::Serialize;
 
 use warp::Rejection;
 use warp::http::StatusCode;
@@ -10,7 +13,7 @@ use warp::reply::Response;
 
 use super::access::Credentials;
 use super::error::{ApiError, ErrorKind};
-use super::reply::{Doc, Field, Format, empty, respond};
+use super::reply::{ChannelReply, Format, GroupSent, Id, empty, respond};
 use super::{Api, MessageBody, Query};
 use crate::auth::{Need, Target};
 
@@ -36,7 +39,11 @@ pub async fn send(
     Ok(respond(
         format,
         StatusCode::ACCEPTED,
-        Doc::new().str("channel", &channel).id("id", id),
+        &ChannelReply {
+            channel: &channel,
+            id: Some(Id(id)),
+            message: None,
+        },
     ))
 }
 
@@ -81,10 +88,11 @@ pub async fn receive(
         Some(delivery) => respond(
             format,
             StatusCode::OK,
-            Doc::new()
-                .str("channel", &channel)
-                .id("id", delivery.id)
-                .message("message", delivery.message),
+            &ChannelReply {
+                channel: &channel,
+                id: Some(Id(delivery.id)),
+                message: Some(&delivery.message),
+            },
         ),
         None => empty(StatusCode::NO_CONTENT),
     })
@@ -110,7 +118,11 @@ pub async fn new_channel(
     Ok(respond(
         format,
         StatusCode::CREATED,
-        Doc::new().str("channel", &name),
+        &ChannelReply {
+            channel: &name,
+            id: None,
+            message: None,
+        },
     ))
 }
 
@@ -146,11 +158,10 @@ pub async fn stats(
 
 /// A 200 whose one field `key` holds `value`, for the admin reads.
 fn admin_read(format: Format, key: &'static str, value: impl serde::Serialize) -> Response {
-    let json = serde_json::to_value(value).unwrap_or_default();
     respond(
         format,
         StatusCode::OK,
-        Doc::new().field(key, Field::Value(json_to_msgpack(&json))),
+        &[(key, value)].into_iter().collect::<BTreeMap<_, _>>(),
     )
 }
 
@@ -162,8 +173,11 @@ pub fn membership(group: &str, channel: &str) -> [Need; 2] {
     ]
 }
 
-fn json_to_msgpack(json: &serde_json::Value) -> rmpv::Value {
-    crate::message::json_to_value(json, 0).unwrap_or(rmpv::Value::Nil)
+/// A group's members.
+#[derive(Serialize)]
+struct Members<'a> {
+    group: &'a str,
+    channels: Vec<String>,
 }
 
 /// PUT /v1/groups/{group}/channels/{channel}
@@ -210,9 +224,10 @@ pub async fn members(
     Ok(respond(
         format,
         StatusCode::OK,
-        Doc::new()
-            .str("group", &group)
-            .field("channels", Field::Strings(channels)),
+        &Members {
+            group: &group,
+            channels,
+        },
     ))
 }
 
@@ -235,10 +250,11 @@ pub async fn group_send(
     Ok(respond(
         format,
         StatusCode::ACCEPTED,
-        Doc::new()
-            .str("group", &group)
-            .count("delivered", report.delivered)
-            .count("full", report.full),
+        &GroupSent {
+            group: Some(&group),
+            delivered: report.delivered,
+            full: report.full,
+        },
     ))
 }
 

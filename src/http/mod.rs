@@ -343,11 +343,12 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and(with_api(api.clone()))
         .and_then(handlers::stats);
     let health = warp::path!("healthz").and(warp::get()).map(|| {
-        reply::respond(
-            Format::Json,
-            StatusCode::OK,
-            reply::Doc::new().str("status", "ok"),
-        )
+        /// The liveness answer: `{"status": "ok"}`.
+        #[derive(serde::Serialize)]
+        struct Health {
+            status: &'static str,
+        }
+        reply::respond(Format::Json, StatusCode::OK, &Health { status: "ok" })
     });
 
     let channels = warp::path("channels").and(any_of(vec![

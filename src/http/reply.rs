@@ -1,11 +1,11 @@
-//! Response documents, written as JSON or msgpack from one description.
+//! Response documents: `#[derive(Serialize)]` types, written as JSON by serde_json or
+//! as msgpack (maps with field names) by rmp-serde.
 //!
 //! Ids are decimal strings in both encodings (JSON numbers lose precision past 2^53).
-//! Messages are embedded as they are: their cached JSON text, or their msgpack bytes.
-
-use std::sync::Arc;
+//! Messages are embedded as they are ([`Message`]'s own `Serialize`).
 
 use rmpv::Value;
+use serde::{Serialize, Serializer};
 use warp::http::StatusCode;
 use warp::http::header::{CONTENT_TYPE, HeaderValue};
 use warp::reply::Response;
@@ -14,7 +14,7 @@ use crate::message::{Message, value_to_json};
 
 /// The encoding of a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     /// `application/json`, the default.
     Json,
     /// `application/msgpack`, when the `Accept` header asks for it.
@@ -23,7 +23,7 @@ pub enum Format {
 
 impl Format {
     /// msgpack when the `Accept` header asks for it, JSON otherwise.
-    pub fn from_accept(accept: Option<&str>) -> Format {
+    pub(crate) fn from_accept(accept: Option<&str>) -> Format {
         match accept {
             Some(a) if a.contains("application/msgpack") || a.contains("application/x-msgpack") => {
                 Format::Msgpack
@@ -38,163 +38,72 @@ impl Format {
             Format::Msgpack => "application/msgpack",
         }
     }
-}
 
-/// One value in a document.
-#[derive(Debug, Clone)]
-pub enum Field {
-    /// A string.
-    Str(String),
-    /// A message id, written as a decimal string so JSON keeps its precision.
-    Id(u64),
-    /// A number.
-    Count(usize),
-    /// An array of strings.
-    Strings(Vec<String>),
-    /// A message, embedded as its cached JSON text or msgpack bytes.
-    Message(Arc<Message>),
-    /// Any msgpack value, converted to JSON for JSON output.
-    Value(Value),
-    /// A nested document.
-    Doc(Doc),
-}
-
-/// An ordered map of fields.
-#[derive(Debug, Clone, Default)]
-pub struct Doc(Vec<(&'static str, Field)>);
-
-impl Doc {
-    /// An empty document.
-    pub fn new() -> Self {
-        Doc(Vec::new())
-    }
-
-    /// Appends `key` with `field`; keys are written in the order added.
-    pub fn field(mut self, key: &'static str, field: Field) -> Self {
-        self.0.push((key, field));
-        self
-    }
-
-    /// Appends a string field.
-    pub fn str(self, key: &'static str, value: &str) -> Self {
-        self.field(key, Field::Str(value.to_string()))
-    }
-
-    /// Appends a message id, written as a decimal string.
-    pub fn id(self, key: &'static str, id: u64) -> Self {
-        self.field(key, Field::Id(id))
-    }
-
-    /// Appends a number field.
-    pub fn count(self, key: &'static str, n: usize) -> Self {
-        self.field(key, Field::Count(n))
-    }
-
-    /// Appends a message, embedded without re-encoding.
-    pub fn message(self, key: &'static str, message: Arc<Message>) -> Self {
-        self.field(key, Field::Message(message))
-    }
-
-    /// Appends a nested document.
-    pub fn doc(self, key: &'static str, doc: Doc) -> Self {
-        self.field(key, Field::Doc(doc))
-    }
-
-    /// The JSON text, on one line.
-    pub fn to_json(&self) -> String {
-        let mut out = String::with_capacity(128);
-        self.write_json(&mut out);
-        out
-    }
-
-    fn write_json(&self, out: &mut String) {
-        out.push('{');
-        for (i, (key, field)) in self.0.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            push_json_str(out, key);
-            out.push(':');
-            match field {
-                Field::Str(s) => push_json_str(out, s),
-                Field::Id(id) => {
-                    out.push('"');
-                    out.push_str(&id.to_string());
-                    out.push('"');
-                }
-                Field::Count(n) => out.push_str(&n.to_string()),
-                Field::Strings(list) => {
-                    out.push('[');
-                    for (j, s) in list.iter().enumerate() {
-                        if j > 0 {
-                            out.push(',');
-                        }
-                        push_json_str(out, s);
-                    }
-                    out.push(']');
-                }
-                Field::Message(m) => out.push_str(m.json()),
-                Field::Value(v) => out.push_str(&value_to_json(v).to_string()),
-                Field::Doc(d) => d.write_json(out),
-            }
-        }
-        out.push('}');
-    }
-
-    /// The msgpack encoding.
-    pub fn to_msgpack(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(128);
-        self.write_msgpack(&mut out);
-        out
-    }
-
-    fn write_msgpack(&self, out: &mut Vec<u8>) {
-        use rmp::encode as enc;
-        // Writing into a Vec cannot fail.
-        let _ = enc::write_map_len(out, self.0.len() as u32);
-        for (key, field) in &self.0 {
-            let _ = enc::write_str(out, key);
-            match field {
-                Field::Str(s) => {
-                    let _ = enc::write_str(out, s);
-                }
-                Field::Id(id) => {
-                    let _ = enc::write_str(out, &id.to_string());
-                }
-                Field::Count(n) => {
-                    let _ = enc::write_uint(out, *n as u64);
-                }
-                Field::Strings(list) => {
-                    let _ = enc::write_array_len(out, list.len() as u32);
-                    for s in list {
-                        let _ = enc::write_str(out, s);
-                    }
-                }
-                Field::Message(m) => out.extend_from_slice(m.msgpack()),
-                Field::Value(v) => {
-                    let _ = rmpv::encode::write_value(out, v);
-                }
-                Field::Doc(d) => d.write_msgpack(out),
-            }
-        }
-    }
-
-    /// The document in `format`.
-    pub fn encode(&self, format: Format) -> Vec<u8> {
-        match format {
-            Format::Json => self.to_json().into_bytes(),
-            Format::Msgpack => self.to_msgpack(),
+    /// `doc` in this encoding.
+    pub(crate) fn encode(self, doc: &impl Serialize) -> Vec<u8> {
+        // Replies are maps with string keys of strings, numbers and messages: both
+        // encoders take every one of them.
+        match self {
+            Format::Json => serde_json::to_vec(doc).expect("replies encode as JSON"),
+            Format::Msgpack => rmp_serde::to_vec_named(doc).expect("replies encode as msgpack"),
         }
     }
 }
 
-fn push_json_str(out: &mut String, s: &str) {
-    out.push_str(&serde_json::to_string(s).expect("strings always serialize"));
+/// A message id, written as a decimal string so that JSON keeps its precision.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Id(pub(crate) u64);
+
+impl Serialize for Id {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
+/// A client's msgpack value echoed back (a WebSocket `ref`): in JSON with binary as
+/// `{"$binary": ...}`, like messages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Echo<'a>(pub(crate) &'a Value);
+
+impl Serialize for Echo<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            value_to_json(self.0).serialize(serializer)
+        } else {
+            self.0.serialize(serializer)
+        }
+    }
+}
+
+/// A channel and what the request did there: a send's id, a receive's message.
+#[derive(Serialize)]
+pub(crate) struct ChannelReply<'a> {
+    pub(crate) channel: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) id: Option<Id>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) message: Option<&'a Message>,
+}
+
+/// What a group send did.
+#[derive(Serialize)]
+pub(crate) struct GroupSent<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) group: Option<&'a str>,
+    pub(crate) delivered: usize,
+    pub(crate) full: usize,
+}
+
+/// A gap in a resumed stream: the messages after `after` and before `next` are gone.
+#[derive(Serialize)]
+pub(crate) struct Gap {
+    pub(crate) after: Id,
+    pub(crate) next: Id,
 }
 
 /// A response with `doc` as its body.
-pub fn respond(format: Format, status: StatusCode, doc: Doc) -> Response {
-    let mut response = Response::new(doc.encode(format).into());
+pub(crate) fn respond(format: Format, status: StatusCode, doc: &impl Serialize) -> Response {
+    let mut response = Response::new(format.encode(doc).into());
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,
@@ -204,7 +113,7 @@ pub fn respond(format: Format, status: StatusCode, doc: Doc) -> Response {
 }
 
 /// An empty response with `status` (204 and the like).
-pub fn empty(status: StatusCode) -> Response {
+pub(crate) fn empty(status: StatusCode) -> Response {
     let mut response = Response::new(Default::default());
     *response.status_mut() = status;
     response
@@ -216,22 +125,37 @@ mod tests {
 
     #[test]
     fn json_and_msgpack_agree() {
-        let message = Arc::new(Message::from_json(br#"{"type":"t","n":1}"#).unwrap());
-        let doc = Doc::new()
-            .str("channel", "a\"b")
-            .id("id", u64::MAX)
-            .message("message", message)
-            .field("list", Field::Strings(vec!["x".into()]));
-        let json = doc.to_json();
+        let message = Message::from_json(br#"{"type":"t","n":1,"b":{"$binary":"AA=="}}"#).unwrap();
+        let doc = ChannelReply {
+            channel: "a\"b",
+            id: Some(Id(u64::MAX)),
+            message: Some(&message),
+        };
+        let json = String::from_utf8(Format::Json.encode(&doc)).unwrap();
         assert_eq!(
             json,
-            r#"{"channel":"a\"b","id":"18446744073709551615","message":{"type":"t","n":1},"list":["x"]}"#
+            r#"{"channel":"a\"b","id":"18446744073709551615","message":{"type":"t","n":1,"b":{"$binary":"AA=="}}}"#
         );
-        let value = rmpv::decode::read_value(&mut &doc.to_msgpack()[..]).unwrap();
-        let as_json = value_to_json(&value);
+        let msgpack = Format::Msgpack.encode(&doc);
+        let value = rmpv::decode::read_value(&mut &msgpack[..]).unwrap();
+        let map = value.as_map().unwrap();
         assert_eq!(
-            as_json,
+            map[1],
+            (Value::from("id"), Value::from("18446744073709551615"))
+        );
+        assert_eq!(map[2].1, message.value(), "the message as it was sent");
+        assert_eq!(
+            value_to_json(&value),
             serde_json::from_str::<serde_json::Value>(&json).unwrap()
         );
+    }
+
+    #[test]
+    fn echoed_values_keep_binary_readable_in_json() {
+        let binary = Value::Binary(vec![0, 1]);
+        let json = Format::Json.encode(&[Echo(&binary)]);
+        assert_eq!(json, br#"[{"$binary":"AAE="}]"#);
+        let msgpack = Format::Msgpack.encode(&[Echo(&binary)]);
+        assert_eq!(msgpack, [0x91, 0xc4, 2, 0, 1]);
     }
 }

@@ -20,7 +20,7 @@ use warp::{Filter, Rejection, Reply};
 
 use super::access::Credentials;
 use super::error::{ApiError, ErrorKind};
-use super::reply::Doc;
+use super::reply::{Gap, Id};
 use super::subscription::{Push, Spec, Subscription};
 use super::{Api, Query};
 use crate::auth::{Held, Need, Target};
@@ -63,8 +63,12 @@ fn encode(push: &Push) -> Bytes {
             write!(out, "data:{json}\nid:{id}\n\n")
         }
         Push::Gap(gap) => {
-            let doc = Doc::new().id("after", gap.after).id("next", gap.next);
-            write!(out, "event:herald.gap\ndata:{}\n\n", doc.to_json())
+            let gap = Gap {
+                after: Id(gap.after),
+                next: Id(gap.next),
+            };
+            let data = serde_json::to_string(&gap).expect("a gap serializes");
+            write!(out, "event:herald.gap\ndata:{data}\n\n")
         }
     };
     out.freeze()

@@ -14,6 +14,8 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use rmpv::Value;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -31,11 +33,11 @@ use super::access::Credentials;
 use super::body::body_limit;
 use super::error::{ApiError, ErrorKind};
 use super::handlers::{membership, parse_wait};
-use super::reply::{Doc, Field, Format};
+use super::reply::{ChannelReply, Echo, Format, Gap, GroupSent, Id};
 use super::subscription::{Push, Spec, Subscription};
 use crate::auth::{Held, Need, Target};
 use crate::layer::Revoker;
-use crate::message::{Message, json_to_value};
+use crate::message::{Message, parse_json_at};
 
 /// Frames waiting to be written to one socket.
 const OUTBOX: usize = 64;
@@ -183,14 +185,11 @@ impl Request {
         let malformed = |e: String| ApiError::new(ErrorKind::InvalidBody, e);
         let mut early_ref = None;
         let (format, parsed) = if let Frame::Text(text) = frame {
-            let parsed = serde_json::from_slice::<serde_json::Value>(text.as_bytes())
-                .map_err(|e| malformed(format!("malformed JSON: {e}")))
-                .and_then(|json| {
-                    // Echoed even when the conversion below refuses a too-deep message.
-                    early_ref = json.get("ref").and_then(|r| json_to_value(r, 1).ok());
-                    // The frame is one level above its message: start at depth 0.
-                    json_to_value(&json, 0).map_err(ApiError::from)
-                });
+            // The frame is one level above its message: start at depth 0.
+            let parsed = parse_json_at(text.as_bytes(), 0).map_err(|e| {
+                early_ref = json_ref(text.as_bytes());
+                ApiError::from(e)
+            });
             (Format::Json, parsed)
         } else if let Frame::Binary(bytes) = frame {
             let mut bytes = &bytes[..];
@@ -278,33 +277,61 @@ impl Request {
             .ok_or_else(|| ApiError::new(ErrorKind::InvalidMessage, "\"message\" is missing"))?;
         Ok(Message::decode_value(value, default_type)?)
     }
-
-    /// A reply document starting with `op` and the request's `ref`.
-    fn reply(&self, op: &str) -> Doc {
-        reply_doc(op, self.reference.as_ref())
-    }
 }
 
-fn reply_doc(op: &str, reference: Option<&Value>) -> Doc {
-    let doc = Doc::new().str("op", op);
-    match reference {
-        Some(r) => doc.field("ref", Field::Value(r.clone())),
-        None => doc,
-    }
+/// A frame to the client: `op`, the request's `ref` when it had one, then `fields`.
+#[derive(Serialize)]
+struct Reply<'a, T> {
+    op: &'a str,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Option<Echo<'a>>,
+    #[serde(flatten)]
+    fields: T,
 }
 
-fn frame(format: Format, doc: &Doc) -> Frame {
+/// A gap in a channel's subscription.
+#[derive(Serialize)]
+struct GapIn<'a> {
+    channel: &'a str,
+    #[serde(flatten)]
+    gap: Gap,
+}
+
+/// The `id` of an acknowledged send.
+#[derive(Serialize)]
+struct Acked {
+    id: Id,
+}
+
+fn frame(format: Format, op: &str, reference: Option<&Value>, fields: impl Serialize) -> Frame {
+    let reply = Reply {
+        op,
+        reference: reference.map(Echo),
+        fields,
+    };
+    let bytes = format.encode(&reply);
     match format {
-        Format::Json => Frame::text(doc.to_json()),
-        Format::Msgpack => Frame::binary(doc.to_msgpack()),
+        Format::Json => Frame::text(String::from_utf8(bytes).expect("serde_json writes UTF-8")),
+        Format::Msgpack => Frame::binary(bytes),
     }
 }
 
 fn error_frame(format: Format, reference: Option<&Value>, error: &ApiError) -> Frame {
-    let doc = reply_doc("error", reference)
-        .str("code", error.kind.code())
-        .str("message", &error.message);
-    frame(format, &doc)
+    frame(format, "error", reference, error.doc())
+}
+
+/// Just the `ref` of a JSON request, kept as its text.
+#[derive(Deserialize)]
+struct JsonRef<'a> {
+    #[serde(rename = "ref", borrow)]
+    reference: Option<&'a RawValue>,
+}
+
+/// The `ref` of a JSON request that was refused as a whole (a message nested too deep),
+/// so that the refusal can still echo it.
+fn json_ref(text: &[u8]) -> Option<Value> {
+    let raw = serde_json::from_slice::<JsonRef>(text).ok()?.reference?;
+    parse_json_at(raw.get().as_bytes(), 1).ok()
 }
 
 /// One connection's state: its token, its outbox and its subscriptions.
@@ -383,8 +410,10 @@ async fn serve(api: Api, socket: Socket, token: Option<String>, permit: OwnedSem
 }
 
 impl Connection {
-    async fn reply(&self, request: &Request, doc: Doc) {
-        let _ = self.outbox.send(frame(request.format, &doc)).await;
+    /// Answers `request` with `ok` and `fields`.
+    async fn ok(&self, request: &Request, fields: impl Serialize) {
+        let reply = frame(request.format, "ok", request.reference.as_ref(), fields);
+        let _ = self.outbox.send(reply).await;
     }
 
     /// Ok when the connection's token allows `needs` (else 401 or 403, as over HTTP).
@@ -400,7 +429,7 @@ impl Connection {
                 let token = request.str("token")?;
                 self.api.authorize_token(Some(token), &[])?;
                 self.token = Some(token.to_string());
-                self.reply(request, request.reply("ok")).await;
+                self.ok(request, ()).await;
             }
             "send" => {
                 let channel = request.str("channel")?;
@@ -408,7 +437,7 @@ impl Connection {
                 let id = layer
                     .send(channel, request.message(self.api.default_type())?)
                     .await?;
-                self.reply(request, request.reply("ok").id("id", id)).await;
+                self.ok(request, Acked { id: Id(id) }).await;
             }
             "group_send" => {
                 let group = request.str("group")?;
@@ -416,23 +445,24 @@ impl Connection {
                 let report = layer
                     .group_send(group, request.message(self.api.default_type())?)
                     .await?;
-                let doc = request
-                    .reply("ok")
-                    .count("delivered", report.delivered)
-                    .count("full", report.full);
-                self.reply(request, doc).await;
+                let sent = GroupSent {
+                    group: None,
+                    delivered: report.delivered,
+                    full: report.full,
+                };
+                self.ok(request, sent).await;
             }
             "group_add" => {
                 let (group, channel) = (request.str("group")?, request.str("channel")?);
                 self.authorize(&membership(group, channel))?;
                 layer.group_add(group, channel).await?;
-                self.reply(request, request.reply("ok")).await;
+                self.ok(request, ()).await;
             }
             "group_discard" => {
                 let (group, channel) = (request.str("group")?, request.str("channel")?);
                 self.authorize(&membership(group, channel))?;
                 layer.group_discard(group, channel).await?;
-                self.reply(request, request.reply("ok")).await;
+                self.ok(request, ()).await;
             }
             "new_channel" => {
                 let prefix = request
@@ -441,8 +471,12 @@ impl Connection {
                     .unwrap_or("specific");
                 self.authorize(&[Need::Subscribe(Target::ChannelsUnder(prefix.to_string()))])?;
                 let name = layer.new_channel(prefix)?;
-                self.reply(request, request.reply("ok").str("channel", &name))
-                    .await;
+                let created = ChannelReply {
+                    channel: &name,
+                    id: None,
+                    message: None,
+                };
+                self.ok(request, created).await;
             }
             "receive" => self.receive(request)?,
             "subscribe" => self.subscribe(request).await?,
@@ -451,7 +485,7 @@ impl Connection {
                 if let Some(stop) = self.subscriptions.remove(channel) {
                     stop.revoke();
                 }
-                self.reply(request, request.reply("ok")).await;
+                self.ok(request, ()).await;
             }
             other => {
                 return Err(ApiError::new(
@@ -501,21 +535,20 @@ impl Connection {
                 _ = closed.cancelled() => return,
                 _ = api.shutdown.cancelled() => Ok(None),
             };
-            let doc = match received {
-                Ok(Some(delivery)) => reply_doc("message", reference.as_ref())
-                    .str("channel", &channel)
-                    .id("id", delivery.id)
-                    .message("message", delivery.message),
-                Ok(None) => reply_doc("timeout", reference.as_ref()),
-                Err(e) => {
-                    let error = ApiError::from(e);
-                    let _ = outbox
-                        .send(error_frame(format, reference.as_ref(), &error))
-                        .await;
-                    return;
+            let reference = reference.as_ref();
+            let reply = match received {
+                Ok(Some(delivery)) => {
+                    let received = ChannelReply {
+                        channel: &channel,
+                        id: Some(Id(delivery.id)),
+                        message: Some(&delivery.message),
+                    };
+                    frame(format, "message", reference, received)
                 }
+                Ok(None) => frame(format, "timeout", reference, ()),
+                Err(e) => error_frame(format, reference, &ApiError::from(e)),
             };
-            let _ = outbox.send(frame(format, &doc)).await;
+            let _ = outbox.send(reply).await;
             drop(slot);
         });
         Ok(())
@@ -537,26 +570,34 @@ impl Connection {
         if let Some(previous) = self.subscriptions.remove(&channel) {
             previous.revoke();
         }
-        self.reply(request, request.reply("ok")).await;
+        self.ok(request, ()).await;
         let mut pushes = Subscription::start(&self.api, spec, None)?;
         self.subscriptions.insert(channel.clone(), pushes.stopper());
         let outbox = self.outbox.clone();
         let format = request.format;
         tokio::spawn(async move {
             while let Some(push) = pushes.next().await {
-                let doc = match push {
-                    Push::Message { id, message } => Doc::new()
-                        .str("op", "message")
-                        .str("channel", &channel)
-                        .id("id", id)
-                        .message("message", message),
-                    Push::Gap(gap) => Doc::new()
-                        .str("op", "gap")
-                        .str("channel", &channel)
-                        .id("after", gap.after)
-                        .id("next", gap.next),
+                let pushed = match push {
+                    Push::Message { id, message } => {
+                        let pushed = ChannelReply {
+                            channel: &channel,
+                            id: Some(Id(id)),
+                            message: Some(&message),
+                        };
+                        frame(format, "message", None, pushed)
+                    }
+                    Push::Gap(gap) => {
+                        let gap = GapIn {
+                            channel: &channel,
+                            gap: Gap {
+                                after: Id(gap.after),
+                                next: Id(gap.next),
+                            },
+                        };
+                        frame(format, "gap", None, gap)
+                    }
                 };
-                if outbox.send(frame(format, &doc)).await.is_err() {
+                if outbox.send(pushed).await.is_err() {
                     return;
                 }
             }

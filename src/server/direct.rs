@@ -1,10 +1,16 @@
-//! Event streams served without hyper. A connection whose first request is a plain GET
-//! for an event stream (a path ending in `/events`) is answered by writing the routes'
-//! response straight onto the socket: the head, then each event as it comes, with the
-//! body ended by closing the connection (`Connection: close`). An idle stream then
-//! holds no HTTP buffers at all (hyper keeps two of 8 KiB per connection), and an event
-//! is one `write`, with the events already waiting gathered into it. Anything else, and
-//! a request head that does not arrive whole in the first read, is left to hyper.
+//! Event streams served without hyper: a second, deliberately small HTTP/1.1 server.
+//!
+//! Why it exists: an event stream is mostly idle, and Herald holds many of them. Served
+//! by hyper, each connection keeps hyper's read and write buffers (8 KiB each) for as
+//! long as it is open; served here, an idle SSE stream costs 4.3 KiB instead of 13.2 KiB
+//! (`herald-bench --subscribers 10000 idle-sse`). So a connection whose first request is
+//! a plain GET for an event stream (a path ending in `/events`), arriving whole and alone
+//! in the first read, is answered by writing the routes' response straight onto the
+//! socket: the head, then each event as it comes (the events already waiting gathered
+//! into one `write`), with the body ended by closing the connection (`Connection:
+//! close`). Everything else is left to hyper: another method or path, a head that comes
+//! in pieces, and a head followed by more bytes (a pipelined request, which hyper
+//! answers in turn).
 
 use std::io::Write;
 use std::pin::pin;
@@ -23,7 +29,7 @@ use warp::http::header::{
 use warp::http::{Request, StatusCode, Version, response};
 
 use super::Routes;
-use super::connection::ClientStream;
+use super::client_stream::ClientStream;
 
 /// The most bytes of a request head looked at; a longer head is left to hyper.
 const PEEK_BYTES: usize = 4096;
@@ -50,15 +56,19 @@ pub async fn peek_event_stream(stream: &TcpStream) -> Option<EventStreamRequest>
     parse_event_stream(&bytes[..n])
 }
 
-/// The request in `bytes` if they hold a whole head of a GET for a path ending in
-/// `/events`, without a body or an upgrade; `None` for anything else, including what
-/// hyper would refuse as malformed (hyper answers that).
+/// The request in `bytes` if they are exactly one whole head of a GET for a path ending
+/// in `/events`, without a body or an upgrade; `None` for anything else, including a
+/// head with a pipelined request behind it and what hyper would refuse as malformed
+/// (hyper answers those).
 fn parse_event_stream(bytes: &[u8]) -> Option<EventStreamRequest> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut head = httparse::Request::new(&mut fields);
     let httparse::Status::Complete(head_len) = head.parse(bytes).ok()? else {
         return None;
     };
+    if head_len < bytes.len() {
+        return None;
+    }
     let path = head.path?;
     if head.method != Some("GET") || !path.split('?').next()?.ends_with("/events") {
         return None;
@@ -203,13 +213,9 @@ mod tests {
         assert_eq!(taken.request.uri(), "/v1/events?groups=a,b");
         assert_eq!(taken.request.version(), Version::HTTP_11);
         assert_eq!(taken.request.headers()["last-event-id"], "7");
-        let old = parsed("GET /v1/channels/c/events HTTP/1.0\r\n\r\nGET / HTTP/1.0\r\n\r\n")
-            .expect("an event stream request");
+        let old =
+            parsed("GET /v1/channels/c/events HTTP/1.0\r\n\r\n").expect("an event stream request");
         assert_eq!(old.request.version(), Version::HTTP_10);
-        assert_eq!(
-            old.head_len,
-            "GET /v1/channels/c/events HTTP/1.0\r\n\r\n".len()
-        );
         assert!(parsed("GET /v1/groups/g/events HTTP/1.1\r\nContent-Length: 0\r\n\r\n").is_some());
     }
 
@@ -226,6 +232,7 @@ mod tests {
             "GET /v1/events HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             "GET /v1/ws/events HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
             "GET /v1/events HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            "GET /v1/channels/c/events HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n",
             "\x16\x03\x01\x02\x00\x01\x00\x01\x7c\x03\x03",
         ] {
             assert!(parsed(head).is_none(), "{head:?}");

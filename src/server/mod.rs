@@ -2,6 +2,7 @@
 //! the background, and on the shutdown signal stop accepting, end streams, finish
 //! in-flight requests and flush, within `server.shutdown_timeout_secs`.
 
+mod client_stream;
 mod connection;
 mod direct;
 

@@ -75,7 +75,9 @@ pub fn msg(ty: &str, n: i64) -> Message {
 
 /// The `"n"` of a message made by [`msg`].
 pub fn n_of(message: &Message) -> i64 {
-    message.json_value()["n"].as_i64().unwrap()
+    serde_json::from_str::<serde_json::Value>(message.json()).unwrap()["n"]
+        .as_i64()
+        .unwrap()
 }
 
 /// Receives without waiting; panics on error.
