@@ -3,12 +3,12 @@
 //! [`error::handle_rejection`], the one place that picks status codes.
 
 mod access;
-pub mod body;
-pub mod error;
+mod body;
+mod error;
 mod handlers;
-pub mod reply;
+mod reply;
 mod sse;
-pub mod subscription;
+pub(crate) mod subscription;
 mod ws;
 
 use std::pin::Pin;

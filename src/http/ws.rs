@@ -289,12 +289,20 @@ struct Reply<'a, T> {
     fields: T,
 }
 
-/// A gap in a channel's subscription.
+/// What a subscription pushes: `op` first, and no `ref` (it answers no request).
 #[derive(Serialize)]
-struct GapIn<'a> {
-    channel: &'a str,
-    #[serde(flatten)]
-    gap: Gap,
+#[serde(tag = "op", rename_all = "lowercase")]
+enum Pushed<'a> {
+    Message {
+        channel: &'a str,
+        id: Id,
+        message: &'a Message,
+    },
+    Gap {
+        channel: &'a str,
+        #[serde(flatten)]
+        gap: Gap,
+    },
 }
 
 /// The `id` of an acknowledged send.
@@ -309,7 +317,11 @@ fn frame(format: Format, op: &str, reference: Option<&Value>, fields: impl Seria
         reference: reference.map(Echo),
         fields,
     };
-    let bytes = format.encode(&reply);
+    encode_frame(format, &reply)
+}
+
+fn encode_frame(format: Format, doc: &impl Serialize) -> Frame {
+    let bytes = format.encode(doc);
     match format {
         Format::Json => Frame::text(String::from_utf8(bytes).expect("serde_json writes UTF-8")),
         Format::Msgpack => Frame::binary(bytes),
@@ -577,27 +589,21 @@ impl Connection {
         let format = request.format;
         tokio::spawn(async move {
             while let Some(push) = pushes.next().await {
-                let pushed = match push {
-                    Push::Message { id, message } => {
-                        let pushed = ChannelReply {
-                            channel: &channel,
-                            id: Some(Id(id)),
-                            message: Some(&message),
-                        };
-                        frame(format, "message", None, pushed)
-                    }
-                    Push::Gap(gap) => {
-                        let gap = GapIn {
-                            channel: &channel,
-                            gap: Gap {
-                                after: Id(gap.after),
-                                next: Id(gap.next),
-                            },
-                        };
-                        frame(format, "gap", None, gap)
-                    }
+                let pushed = match &push {
+                    Push::Message { id, message } => Pushed::Message {
+                        channel: &channel,
+                        id: Id(*id),
+                        message,
+                    },
+                    Push::Gap(gap) => Pushed::Gap {
+                        channel: &channel,
+                        gap: Gap {
+                            after: Id(gap.after),
+                            next: Id(gap.next),
+                        },
+                    },
                 };
-                if outbox.send(pushed).await.is_err() {
+                if outbox.send(encode_frame(format, &pushed)).await.is_err() {
                     return;
                 }
             }

@@ -20,11 +20,11 @@
 
 mod batch;
 mod disk;
-pub mod dump;
+pub(crate) mod dump;
 mod handle;
 mod keys;
 mod migrate;
-pub mod record;
+pub(crate) mod record;
 mod recovery;
 mod space;
 mod sweep;
