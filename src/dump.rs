@@ -10,55 +10,53 @@ use herald::config::Durability;
 use herald::layer::clock::{Clock, SystemClock};
 use herald::store::{OnDataLoss, Store, sync_parent};
 
-fn open(data_dir: &Path) -> Result<Store, String> {
-    Store::open(
+use crate::failure::Failure;
+
+fn open(data_dir: &Path) -> Result<Store, Failure> {
+    let store = Store::open(
         data_dir,
         Durability::Sync,
         Duration::from_millis(500),
         OnDataLoss::Refuse,
-    )
-    .map_err(|e| e.to_string())
+    )?;
+    Ok(store)
 }
 
 /// Writes where `out` says (a file, replaced only once complete and durable), or to
 /// stdout.
 fn write_to(
     out: Option<&Path>,
-    write: impl FnOnce(&mut dyn Write) -> Result<(), String>,
-) -> Result<(), String> {
-    match out {
-        None => write(&mut std::io::stdout().lock()),
-        Some(path) => {
-            let partial = path.with_extension("partial");
-            let file = File::create(&partial)
-                .map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
-            let mut writer = BufWriter::new(file);
-            write(&mut writer)?;
-            writer
-                .into_inner()
-                .map_err(|e| e.to_string())?
-                .sync_all()
-                .map_err(|e| e.to_string())?;
-            std::fs::rename(&partial, path)
-                .and_then(|()| sync_parent(path))
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))
-        }
-    }
+    write: impl FnOnce(&mut dyn Write) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let Some(path) = out else {
+        return write(&mut std::io::stdout().lock());
+    };
+    let partial = path.with_extension("partial");
+    let failed = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Failure::Write { path, source }
+    };
+    let file = File::create(&partial).map_err(failed(&partial))?;
+    let mut writer = BufWriter::new(file);
+    write(&mut writer)?;
+    writer
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .and_then(|file| file.sync_all())
+        .map_err(failed(&partial))?;
+    std::fs::rename(&partial, path)
+        .and_then(|()| sync_parent(path))
+        .map_err(failed(path))
 }
 
 /// `herald export`: refuses a data dir that a live server holds (its lock).
-pub fn export(data_dir: &Path, out: Option<&Path>) -> Result<(), String> {
+pub fn export(data_dir: &Path, out: Option<&Path>) -> Result<(), Failure> {
     if !data_dir.is_dir() {
-        return Err(format!(
-            "data directory {} does not exist",
-            data_dir.display()
-        ));
+        return Err(Failure::NoDataDir(data_dir.to_path_buf()));
     }
     let store = open(data_dir)?;
     write_to(out, |w| {
-        let stats = store
-            .export(SystemClock.now_ms(), w)
-            .map_err(|e| e.to_string())?;
+        let stats = store.export(SystemClock.now_ms(), w)?;
         eprintln!(
             "herald: exported {} messages, {} memberships, {} cursors, {} references",
             stats.messages, stats.memberships, stats.cursors, stats.references
@@ -68,17 +66,18 @@ pub fn export(data_dir: &Path, out: Option<&Path>) -> Result<(), String> {
 }
 
 /// `herald import`: into a new or empty data dir only.
-pub fn import(data_dir: &Path, input: Option<&Path>) -> Result<(), String> {
+pub fn import(data_dir: &Path, input: Option<&Path>) -> Result<(), Failure> {
     let store = open(data_dir)?;
     let stats = match input {
         Some(path) => {
-            let file =
-                File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let file = File::open(path).map_err(|source| Failure::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
             store.import(BufReader::new(file))
         }
         None => store.import(std::io::stdin().lock()),
-    }
-    .map_err(|e| e.to_string())?;
+    }?;
     eprintln!(
         "herald: imported {} messages, {} memberships, {} cursors, {} references into {}",
         stats.messages,
@@ -91,7 +90,7 @@ pub fn import(data_dir: &Path, input: Option<&Path>) -> Result<(), String> {
 }
 
 /// `herald backup`: streams `URL/v1/admin/backup` into `out`.
-pub fn backup(url: &str, out: &Path, token: Option<&str>) -> Result<(), String> {
+pub fn backup(url: &str, out: &Path, token: Option<&str>) -> Result<(), Failure> {
     let base = url.trim_end_matches('/');
     let endpoint = if base.ends_with("/v1/admin/backup") {
         base.to_string()
@@ -101,12 +100,12 @@ pub fn backup(url: &str, out: &Path, token: Option<&str>) -> Result<(), String> 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(Failure::Runtime)?;
     let body = runtime.block_on(async {
         let mut request = reqwest::Client::builder()
             .no_proxy()
             .build()
-            .map_err(|e| e.to_string())?
+            .map_err(Failure::Client)?
             .get(&endpoint);
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -114,21 +113,33 @@ pub fn backup(url: &str, out: &Path, token: Option<&str>) -> Result<(), String> 
         let response = request
             .send()
             .await
-            .map_err(|e| format!("cannot reach {endpoint}: {e}"))?;
+            .map_err(|source| Failure::Unreachable {
+                endpoint: endpoint.clone(),
+                source,
+            })?;
         let status = response.status();
         let body = response
             .bytes()
             .await
-            .map_err(|e| format!("reading the backup: {e}"))?;
+            .map_err(|source| Failure::BackupRead {
+                endpoint: endpoint.clone(),
+                source,
+            })?;
         if !status.is_success() {
-            return Err(format!(
-                "{endpoint} answered {status}: {}",
-                String::from_utf8_lossy(&body)
-            ));
+            return Err(Failure::Refused {
+                endpoint: endpoint.clone(),
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
         }
         Ok(body)
     })?;
-    write_to(Some(out), |w| w.write_all(&body).map_err(|e| e.to_string()))?;
+    write_to(Some(out), |w| {
+        w.write_all(&body).map_err(|source| Failure::Write {
+            path: out.to_path_buf(),
+            source,
+        })
+    })?;
     eprintln!(
         "herald: saved {} bytes of backup to {}",
         body.len(),

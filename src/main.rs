@@ -10,7 +10,10 @@ use herald::auth;
 use herald::config::{AuthSettings, Settings, TokenSettings};
 use herald::server;
 
+use crate::failure::Failure;
+
 mod dump;
+mod failure;
 
 /// mimalloc instead of the system allocator: requests allocate many small, short-lived
 /// buffers, and glibc's malloc took about a quarter of the instructions of a publish.
@@ -152,37 +155,19 @@ enum TokenCommand {
 /// failure.
 fn bench(args: Vec<std::ffi::OsString>) -> Failure {
     use std::os::unix::process::CommandExt;
-    let not_found = |why: String| Failure {
-        code: 2,
-        message: format!(
-            "herald bench needs the herald-bench binary beside herald ({why}): build it with cargo build --release -p herald-bench"
-        ),
-    };
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
-        Err(e) => return not_found(e.to_string()),
+        Err(e) => return Failure::NoBench(e.to_string()),
     };
     let bench = exe.with_file_name("herald-bench");
     if !bench.is_file() {
-        return not_found(format!("{} is missing", bench.display()));
+        return Failure::NoBench(format!("{} is missing", bench.display()));
     }
     let error = std::process::Command::new(&bench)
         .args(args)
         .env("HERALD_BIN", &exe)
         .exec();
-    not_found(format!("running {}: {error}", bench.display()))
-}
-
-/// A failed command: the message for stderr and the exit status.
-struct Failure {
-    code: u8,
-    message: String,
-}
-
-impl From<String> for Failure {
-    fn from(message: String) -> Self {
-        Failure { code: 1, message }
-    }
+    Failure::NoBench(format!("running {}: {error}", bench.display()))
 }
 
 fn main() -> ExitCode {
@@ -214,18 +199,16 @@ fn main() -> ExitCode {
             serve(settings, config_file)
         }),
         Command::Config { config } => load(config, None, None).and_then(|settings| {
-            let text = toml::to_string(&settings).map_err(|e| e.to_string())?;
+            let text = toml::to_string(&settings)?;
             print!("{text}");
             Ok(())
         }),
-        Command::Export { data_dir, out } => {
-            dump::export(&data_dir, out.as_deref()).map_err(Failure::from)
-        }
+        Command::Export { data_dir, out } => dump::export(&data_dir, out.as_deref()),
         Command::Import {
             data_dir,
             input,
             file,
-        } => dump::import(&data_dir, input.or(file).as_deref()).map_err(Failure::from),
+        } => dump::import(&data_dir, input.or(file).as_deref()),
         Command::Backup {
             url,
             out,
@@ -233,22 +216,21 @@ fn main() -> ExitCode {
         } => token_file
             .map(|file| read_secret(&file))
             .transpose()
-            .and_then(|token| dump::backup(&url, &out, token.as_deref()))
-            .map_err(Failure::from),
+            .and_then(|token| dump::backup(&url, &out, token.as_deref())),
         Command::Bench { args } => Err(bench(args)),
-        Command::Token(command) => token(command).map_err(Failure::from),
+        Command::Token(command) => token(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("herald: {}", failure.message);
-            ExitCode::from(failure.code)
+            eprintln!("herald: {failure}");
+            ExitCode::from(failure.exit_code())
         }
     }
 }
 
 /// `herald token new` and `herald token jwt`.
-fn token(command: TokenCommand) -> Result<(), String> {
+fn token(command: TokenCommand) -> Result<(), Failure> {
     match command {
         TokenCommand::New {
             name,
@@ -270,7 +252,7 @@ fn token(command: TokenCommand) -> Result<(), String> {
                 tokens: vec![table],
                 ..AuthSettings::default()
             };
-            auth::validate(&settings).map_err(|e| e.to_string())?;
+            auth::validate(&settings)?;
             #[derive(serde::Serialize)]
             struct Tables<'a> {
                 tokens: &'a [TokenSettings],
@@ -283,8 +265,7 @@ fn token(command: TokenCommand) -> Result<(), String> {
                 auth: Tables {
                     tokens: &settings.tokens,
                 },
-            })
-            .map_err(|e| e.to_string())?;
+            })?;
             eprintln!(
                 "The token (shown only now; give it to its client and keep it secret), then \
                  the table to add to the configuration file:"
@@ -308,13 +289,15 @@ fn token(command: TokenCommand) -> Result<(), String> {
 }
 
 /// The secret in `file`, without the trailing newline an editor adds.
-fn read_secret(file: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+fn read_secret(file: &std::path::Path) -> Result<String, Failure> {
+    let text = std::fs::read_to_string(file).map_err(|source| Failure::Read {
+        path: file.to_path_buf(),
+        source,
+    })?;
     let secret = text.strip_suffix('\n').unwrap_or(&text);
     let secret = secret.strip_suffix('\r').unwrap_or(secret);
     if secret.is_empty() {
-        return Err(format!("{} holds no secret", file.display()));
+        return Err(Failure::NoSecret(file.to_path_buf()));
     }
     Ok(secret.to_string())
 }
@@ -324,26 +307,23 @@ fn load(
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
 ) -> Result<Settings, Failure> {
-    let mut settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+    let mut settings = Settings::load(config.as_deref())?;
     if let Some(listen) = listen {
         settings.server.listen = listen;
     }
     if let Some(data_dir) = data_dir {
         settings.storage.data_dir = data_dir;
     }
-    settings.validate().map_err(|e| e.to_string())?;
+    settings.validate()?;
     Ok(settings)
 }
 
 fn serve(settings: Settings, config: Option<PathBuf>) -> Result<(), Failure> {
     let loopback = settings.server.listen.ip().is_loopback();
     if let Some(why) = auth::wide_open(&settings.auth, loopback) {
-        return Err(Failure {
-            code: 2,
-            message: why,
-        });
+        return Err(Failure::WideOpen(why));
     }
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Runtime::new().map_err(Failure::Runtime)?;
     runtime.block_on(async {
         // sled asserts on some damaged files: while opening, a panic is one line of
         // stderr (the error that follows says what to do), not a backtrace.
@@ -360,18 +340,22 @@ fn serve(settings: Settings, config: Option<PathBuf>) -> Result<(), Failure> {
         }));
         let layer = server::open_layer(&settings).await;
         std::panic::set_hook(default_hook);
-        let layer = layer.map_err(|e| e.to_string())?;
-        let listener = tokio::net::TcpListener::bind(settings.server.listen)
+        let layer = layer?;
+        let listen = settings.server.listen;
+        let listen_failed = |source| Failure::Listen {
+            addr: listen,
+            source,
+        };
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .map_err(|e| format!("cannot listen on {}: {e}", settings.server.listen))?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            .map_err(listen_failed)?;
+        let addr = listener.local_addr().map_err(listen_failed)?;
         // Before announcing the address: a SIGTERM right after it shuts down cleanly.
-        let shutdown =
-            server::signal().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        let shutdown = server::signal().map_err(Failure::Signals)?;
         let reload = server::Reload::install(move || {
             Settings::load(config.as_deref()).map(|settings| settings.auth)
         })
-        .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
+        .map_err(Failure::Signals)?;
         if auth::open_to_all(&settings.auth, loopback) {
             tracing::warn!(
                 %addr,
@@ -386,8 +370,6 @@ fn serve(settings: Settings, config: Option<PathBuf>) -> Result<(), Failure> {
             "herald is serving"
         );
         println!("herald listening on http://{addr}");
-        server::run(settings, layer, listener, shutdown, reload)
-            .await
-            .map_err(|e| Failure::from(e.to_string()))
+        Ok(server::run(settings, layer, listener, shutdown, reload).await?)
     })
 }

@@ -165,6 +165,16 @@ fn public_key(path: &Path) -> Result<(DecodingKey, Algorithm), ConfigError> {
         })
 }
 
+/// Why a JWT could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    /// A `--publish` or `--subscribe` pattern is not valid.
+    #[error(transparent)]
+    Pattern(#[from] ConfigError),
+    #[error("cannot sign the JWT: {0}")]
+    Sign(#[from] jsonwebtoken::errors::Error),
+}
+
 /// An HS256 JWT signed with `secret`, valid for `ttl` from now.
 pub fn mint_hs256(
     secret: &[u8],
@@ -172,9 +182,9 @@ pub fn mint_hs256(
     publish: Vec<String>,
     subscribe: Vec<String>,
     ttl: Duration,
-) -> Result<String, String> {
+) -> Result<String, MintError> {
     for (key, list) in [("--publish", &publish), ("--subscribe", &subscribe)] {
-        Patterns::parse(key, list).map_err(|e| e.to_string())?;
+        Patterns::parse(key, list)?;
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -193,7 +203,7 @@ pub fn mint_hs256(
         &claims,
         &EncodingKey::from_secret(secret),
     )
-    .map_err(|e| e.to_string())
+    .map_err(MintError::from)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ pub mod token;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-pub use jwt::mint_hs256;
+pub use jwt::{MintError, mint_hs256};
 pub(crate) use patterns::Target;
 
 use crate::config::{AuthSettings, ConfigError, DefaultAccess, invalid};

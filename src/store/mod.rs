@@ -47,6 +47,7 @@ use watermark::{Mark, WatermarkFile};
 
 pub use batch::WriteBatch;
 pub use disk::sync_parent;
+pub use dump::ImportError;
 pub use recovery::Stored;
 pub use sweep::Deleted;
 
