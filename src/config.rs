@@ -10,7 +10,7 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 /// The configuration shipped inside the binary.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub(crate) const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// A configuration that could not be read or has a value out of range.
 #[derive(Debug, thiserror::Error)]
@@ -355,7 +355,7 @@ impl ChannelRules {
     }
 
     /// The longest any message may be needed on disk: every expiry and the replay time.
-    pub fn max_retention(&self) -> Duration {
+    pub(crate) fn max_retention(&self) -> Duration {
         self.expiry_patterns
             .iter()
             .map(|(_, d)| *d)

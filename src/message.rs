@@ -19,13 +19,13 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 
 /// Deepest nesting a message may have (the top-level map counts as level 1).
-pub const MAX_DEPTH: usize = 32;
+pub(crate) const MAX_DEPTH: usize = 32;
 
 /// The key Django reserves for routing, refused in messages.
-pub const RESERVED_KEY: &str = "__asgi_channel__";
+pub(crate) const RESERVED_KEY: &str = "__asgi_channel__";
 
 /// The JSON key that carries binary values in JSON form.
-pub const BINARY_KEY: &str = "$binary";
+pub(crate) const BINARY_KEY: &str = "$binary";
 
 /// Why bytes or a value are not an acceptable message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,7 +85,10 @@ impl Message {
 
     /// [`Message::from_msgpack`], except that a map without a `"type"` gets
     /// `default_type` (when given) instead of being refused.
-    pub fn decode_msgpack(bytes: &[u8], default_type: Option<&str>) -> Result<Self, MessageError> {
+    pub(crate) fn decode_msgpack(
+        bytes: &[u8],
+        default_type: Option<&str>,
+    ) -> Result<Self, MessageError> {
         let mut reader = bytes;
         let value = rmpv::decode::read_value_with_max_depth(&mut reader, 2 * MAX_DEPTH + 8)
             .map_err(|e| match e {
@@ -116,13 +119,19 @@ impl Message {
 
     /// [`Message::from_json`], except that an object without a `"type"` gets
     /// `default_type` (when given) instead of being refused.
-    pub fn decode_json(bytes: &[u8], default_type: Option<&str>) -> Result<Self, MessageError> {
+    pub(crate) fn decode_json(
+        bytes: &[u8],
+        default_type: Option<&str>,
+    ) -> Result<Self, MessageError> {
         Message::decode_value(&parse_json_at(bytes, 1)?, default_type)
     }
 
     /// [`Message::from_value`], except that a map without a `"type"` gets
     /// `default_type` (when given) instead of being refused.
-    pub fn decode_value(value: &Value, default_type: Option<&str>) -> Result<Self, MessageError> {
+    pub(crate) fn decode_value(
+        value: &Value,
+        default_type: Option<&str>,
+    ) -> Result<Self, MessageError> {
         match default_type.and_then(|t| with_type(value, t)) {
             Some(typed) => Message::from_value(&typed),
             None => Message::from_value(value),
@@ -152,7 +161,7 @@ impl Message {
     }
 
     /// The number of bytes of the msgpack encoding.
-    pub fn encoded_len(&self) -> usize {
+    pub(crate) fn encoded_len(&self) -> usize {
         self.msgpack.len()
     }
 
@@ -394,7 +403,7 @@ fn check_nested(value: &Value, depth: usize) -> Result<(), MessageError> {
 }
 
 /// Converts a msgpack value to JSON (binary to `{"$binary": ...}`).
-pub fn value_to_json(value: &Value) -> serde_json::Value {
+pub(crate) fn value_to_json(value: &Value) -> serde_json::Value {
     use serde_json::Value as J;
     match value {
         Value::Nil => J::Null,

@@ -8,7 +8,7 @@
 pub struct NameError(pub(crate) String);
 
 /// Names must be shorter than this many bytes (Django: `len(name) < 100`).
-pub const MAX_NAME_BYTES: usize = 99;
+pub(crate) const MAX_NAME_BYTES: usize = 99;
 
 fn is_name_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
@@ -61,7 +61,7 @@ pub fn check_channel(name: &str) -> Result<(), NameError> {
 }
 
 /// Checks a group name: `^[A-Za-z0-9_.-]+$`, 1 to 99 bytes.
-pub fn check_group(name: &str) -> Result<(), NameError> {
+pub(crate) fn check_group(name: &str) -> Result<(), NameError> {
     check_length("group", name)?;
     check_chars("group", name)
 }

@@ -301,7 +301,7 @@ impl Access {
 /// An allowed long-lived operation (a stream, a WebSocket subscription), kept to check
 /// again when the settings are reloaded or its token expires.
 #[derive(Debug, Clone)]
-pub struct Held {
+pub(crate) struct Held {
     token: Option<String>,
     needs: Vec<Need>,
     /// When to check again by itself: the token's expiry.

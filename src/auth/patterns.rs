@@ -7,7 +7,7 @@ use crate::config::{ConfigError, glob, invalid};
 
 /// What an operation touches.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Target {
+pub enum Target {
     /// A channel, by its full name.
     Channel(String),
     /// A group, by its name.

@@ -16,7 +16,7 @@ const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
 /// The token a request presents, unchecked.
 #[derive(Debug, Clone, Default)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     authorization: Option<String>,
     query: Option<String>,
 }

@@ -8,7 +8,7 @@ use crate::message::Message;
 
 /// How a body is to be read, from its `Content-Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyKind {
+pub(crate) enum BodyKind {
     /// `application/json`: a JSON object.
     Json,
     /// `application/msgpack` or `application/x-msgpack`: a msgpack map.
@@ -19,7 +19,7 @@ pub enum BodyKind {
 
 impl BodyKind {
     /// JSON for `application/json`, msgpack for `application/(x-)msgpack`, text otherwise.
-    pub fn from_content_type(content_type: Option<&str>) -> BodyKind {
+    pub(crate) fn from_content_type(content_type: Option<&str>) -> BodyKind {
         let essence = content_type
             .and_then(|ct| ct.split(';').next())
             .map(|ct| ct.trim().to_ascii_lowercase());
@@ -33,7 +33,7 @@ impl BodyKind {
 
 /// The largest body read for a message of at most `max_message_bytes` (JSON and base64
 /// take more room than msgpack); the layer checks the exact encoded size after.
-pub fn body_limit(max_message_bytes: usize) -> usize {
+pub(crate) fn body_limit(max_message_bytes: usize) -> usize {
     max_message_bytes
         .saturating_mul(2)
         .saturating_add(64 * 1024)
@@ -48,7 +48,7 @@ fn too_large(limit: usize) -> ApiError {
 
 /// Reads the whole body, refusing it as soon as the declared length or the bytes
 /// received pass `limit`.
-pub async fn read_limited<S, B>(
+pub(crate) async fn read_limited<S, B>(
     content_length: Option<u64>,
     mut body: S,
     limit: usize,
@@ -80,7 +80,7 @@ where
 /// Decodes a body into a message: a JSON object, a msgpack map, or UTF-8 text that
 /// becomes `{"type": "text", "text": BODY}`. A map without a type gets `default_type`
 /// if one is given.
-pub fn decode_message(
+pub(crate) fn decode_message(
     kind: BodyKind,
     body: &[u8],
     default_type: Option<&str>,

@@ -17,7 +17,7 @@ use crate::store::StoreError;
 
 /// What kind of failure; each has one code and one status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     /// 400 `invalid_name`: a channel or group name breaks the naming rules.
     InvalidName,
     /// 400 `invalid_message`: the body decodes but is not a valid message (e.g. no string `type`).
@@ -91,7 +91,7 @@ impl ErrorKind {
 
 /// An error answer: a kind and a message for a person, free of internals.
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     /// What failed; picks the `code` and the HTTP status.
     pub kind: ErrorKind,
     /// A human-readable explanation, sent as `message`.
@@ -131,7 +131,7 @@ impl ApiError {
     }
 
     /// The HTTP answer: always JSON, whatever the request asked for.
-    pub fn into_response(self) -> Response {
+    pub(crate) fn into_response(self) -> Response {
         let mut response = respond(
             Format::Json,
             self.kind.status(),
@@ -203,7 +203,7 @@ impl From<MessageError> for ApiError {
 }
 
 /// Turns every rejection, ours or warp's, into a status and a JSON error body.
-pub async fn handle_rejection(err: Rejection) -> Result<Response, Infallible> {
+pub(crate) async fn handle_rejection(err: Rejection) -> Result<Response, Infallible> {
     let error = if let Some(api) = err.find::<ApiError>() {
         ApiError::new(api.kind, api.message.clone())
     } else if let Some(e) = err.find::<warp::filters::cors::CorsForbidden>() {

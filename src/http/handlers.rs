@@ -48,7 +48,7 @@ pub async fn send(
 }
 
 /// The `wait` parameter: seconds (fractions allowed), capped by `server.max_wait_secs`.
-pub fn parse_wait(raw: Option<&str>, max_wait_secs: u64) -> Result<Duration, ApiError> {
+pub(crate) fn parse_wait(raw: Option<&str>, max_wait_secs: u64) -> Result<Duration, ApiError> {
     let Some(raw) = raw else {
         return Ok(Duration::ZERO);
     };
@@ -127,7 +127,7 @@ pub async fn new_channel(
 }
 
 /// GET /v1/channels: channels with pending messages or waiting receivers.
-pub async fn list_channels(
+pub(crate) async fn list_channels(
     format: Format,
     credentials: Credentials,
     api: Api,
@@ -137,7 +137,7 @@ pub async fn list_channels(
 }
 
 /// GET /v1/groups: groups with their current members.
-pub async fn list_groups(
+pub(crate) async fn list_groups(
     format: Format,
     credentials: Credentials,
     api: Api,

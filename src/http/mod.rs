@@ -84,7 +84,7 @@ impl Api {
 
     /// Replaces the access control with `auth` (SIGHUP). Settings that do not compile
     /// leave the old ones in force. Streams the new ones do not allow end within a second.
-    pub fn reload_auth(&self, auth: &AuthSettings) -> Result<(), ConfigError> {
+    pub(crate) fn reload_auth(&self, auth: &AuthSettings) -> Result<(), ConfigError> {
         let policy = Policy::new(auth, self.loopback)?;
         tracing::info!(tokens = policy.token_count(), "access control reloaded");
         *self.policy.write() = Arc::new(policy);
@@ -151,7 +151,7 @@ fn query() -> impl Filter<Extract = (Query,), Error = std::convert::Infallible> 
 
 /// Query parameters in order, repeated keys kept.
 #[derive(Debug, Clone, Default)]
-pub struct Query(Vec<(String, String)>);
+pub(crate) struct Query(Vec<(String, String)>);
 
 impl Query {
     /// The first value of `key`.
@@ -182,7 +182,7 @@ fn with_api(api: Api) -> impl Filter<Extract = (Api,), Error = std::convert::Inf
 }
 
 /// A message body not read yet: the handler reads it once the caller is allowed.
-pub struct MessageBody {
+pub(crate) struct MessageBody {
     content_type: Option<String>,
     length: Option<u64>,
     stream: Pin<Box<dyn Stream<Item = Result<Bytes, warp::Error>> + Send>>,

@@ -147,7 +147,7 @@ fn stream(api: &Api, spec: Spec, permit: OwnedSemaphorePermit) -> Result<Respons
 }
 
 /// GET /v1/channels/{channel}/events
-pub async fn channel_events(
+pub(crate) async fn channel_events(
     channel: String,
     last_event_id: Option<String>,
     query: Query,
@@ -172,7 +172,7 @@ pub async fn channel_events(
 }
 
 /// GET /v1/groups/{group}/events?channel=C
-pub async fn group_events(
+pub(crate) async fn group_events(
     group: String,
     last_event_id: Option<String>,
     query: Query,
@@ -183,7 +183,7 @@ pub async fn group_events(
 }
 
 /// GET /v1/events?group=A&group=B&channel=C
-pub async fn multi_group_events(
+pub(crate) async fn multi_group_events(
     last_event_id: Option<String>,
     query: Query,
     credentials: Credentials,

@@ -29,7 +29,7 @@ use crate::message::Message;
 
 /// What a subscription pushes to its client.
 #[derive(Debug, Clone)]
-pub enum Push {
+pub(crate) enum Push {
     /// A delivered message and its id (the SSE event id a client resumes from).
     Message { id: u64, message: Arc<Message> },
     /// Messages a resuming client needed are no longer in the replay log (`herald.gap`).
@@ -38,7 +38,7 @@ pub enum Push {
 
 /// What to subscribe to.
 #[derive(Debug, Clone)]
-pub struct Spec {
+pub(crate) struct Spec {
     /// The channel whose messages the subscription delivers.
     pub channel: String,
     /// The last id the client saw (Last-Event-ID): replay what came after it first.
@@ -58,7 +58,7 @@ const EXPIRY_CHECK: Duration = Duration::from_millis(250);
 /// The running subscriptions, by channel, so that a resuming one can cut the others
 /// off and the watchdog can find the stalled ones.
 #[derive(Default)]
-pub struct Registry {
+pub(crate) struct Registry {
     next_id: AtomicU64,
     running: Mutex<HashMap<String, Vec<Running>>>,
 }
@@ -175,7 +175,7 @@ impl Registry {
 
 /// Ends stalled subscriptions (see [`Registry::cut_off_stalled`]) until shutdown, then
 /// ends them all.
-pub async fn watchdog(api: Api) {
+pub(crate) async fn watchdog(api: Api) {
     let slow = Duration::from_secs(api.settings.slow_consumer_secs);
     let every = (slow / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut ticks = tokio::time::interval(every);
@@ -191,7 +191,7 @@ pub async fn watchdog(api: Api) {
 
 /// Ends the subscriptions that the access control no longer allows: every one after a
 /// reload, and those of expired tokens within [`EXPIRY_CHECK`].
-pub async fn access_watch(api: Api) {
+pub(crate) async fn access_watch(api: Api) {
     let mut ticks = tokio::time::interval(EXPIRY_CHECK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -208,7 +208,7 @@ pub async fn access_watch(api: Api) {
 /// event id (with a gap when some are gone), then live messages as they arrive. It ends
 /// when its receiver is revoked: on shutdown, take-over, a stalled client, lost access,
 /// or a WebSocket unsubscribe.
-pub struct Subscription {
+pub(crate) struct Subscription {
     api: Api,
     spec: Spec,
     id: u64,
@@ -279,12 +279,12 @@ impl Subscription {
     }
 
     /// Whether it ended because its client did not read for `slow_consumer_secs`.
-    pub fn was_too_slow(&self) -> bool {
+    pub(crate) fn was_too_slow(&self) -> bool {
         self.progress.too_slow.load(Ordering::Relaxed)
     }
 
     /// Whether it ended because the access control no longer allows it.
-    pub fn lost_access(&self) -> bool {
+    pub(crate) fn lost_access(&self) -> bool {
         self.progress.lost_access.load(Ordering::Relaxed)
     }
 

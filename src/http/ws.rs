@@ -58,7 +58,7 @@ type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// A checked WebSocket opening handshake (RFC 6455, section 4.2.1): the client's key and
 /// the connection's upgrade, taken over once the `101` answer is out.
-pub struct Handshake {
+pub(crate) struct Handshake {
     key: HeaderValue,
     on_upgrade: OnUpgrade,
 }

@@ -182,7 +182,7 @@ impl ChannelLayer {
     }
 
     /// How long a membership lasts after its last group_add.
-    pub fn group_expiry(&self) -> Duration {
+    pub(crate) fn group_expiry(&self) -> Duration {
         Duration::from_millis(self.inner.group_expiry_ms)
     }
 

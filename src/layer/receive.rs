@@ -167,7 +167,7 @@ impl Receiver {
     }
 
     /// The next message if one is pending now, without waiting.
-    pub fn try_take(&mut self) -> Option<Delivery> {
+    pub(crate) fn try_take(&mut self) -> Option<Delivery> {
         let inner = &*self.inner;
         let mut state = inner.state.lock();
         let ch = inner.channel(&mut state.channels, &self.key.channel);
@@ -175,7 +175,7 @@ impl Receiver {
     }
 
     /// Whether it was revoked (it takes nothing more).
-    pub fn is_revoked(&self) -> bool {
+    pub(crate) fn is_revoked(&self) -> bool {
         self.key.revoked.load(Ordering::Relaxed)
     }
 
@@ -211,7 +211,7 @@ impl Revoker {
     }
 
     /// Whether the receiver was woken for a message that it has not taken yet.
-    pub fn has_message_waiting(&self) -> bool {
+    pub(crate) fn has_message_waiting(&self) -> bool {
         let state = self.inner.state.lock();
         state
             .channels

@@ -77,7 +77,7 @@ impl Channel {
     }
 
     /// Drops expired pending messages and replay entries past their time.
-    pub fn drop_expired(&mut self, now_ms: u64) {
+    pub(crate) fn drop_expired(&mut self, now_ms: u64) {
         while let Some(front) = self.queue.front() {
             if front.sent_at_ms + self.expiry_ms > now_ms {
                 break;
@@ -97,7 +97,7 @@ impl Channel {
     /// Whether a new message would exceed the capacity (after dropping expired ones;
     /// below the capacity there is no need to look, which spares a group_send a look
     /// into every member's queue).
-    pub fn is_full(&mut self, now_ms: u64) -> bool {
+    pub(crate) fn is_full(&mut self, now_ms: u64) -> bool {
         if self.queue.len() < self.capacity {
             return false;
         }
@@ -106,7 +106,7 @@ impl Channel {
     }
 
     /// Keeps a delivered message for replay, within the replay log's bounds.
-    pub fn remember(&mut self, entry: Entry) {
+    pub(crate) fn remember(&mut self, entry: Entry) {
         if self.replay_capacity == 0 {
             self.lost_upto = self.lost_upto.max(entry.id);
             return;
@@ -120,7 +120,7 @@ impl Channel {
     }
 
     /// Hands pending messages to waiting receivers, longest-waiting first.
-    pub fn wake(&mut self) {
+    pub(crate) fn wake(&mut self) {
         while self.queue.len() > self.woken.len() {
             let Some(waiter) = self.waiters.pop_front() else {
                 break;
@@ -131,7 +131,7 @@ impl Channel {
     }
 
     /// Gives up receiver `id`'s reservation, if it holds one; tells whether it did.
-    pub fn unreserve(&mut self, id: u64) -> bool {
+    pub(crate) fn unreserve(&mut self, id: u64) -> bool {
         match self.woken.iter().position(|w| *w == id) {
             Some(at) => {
                 self.woken.swap_remove(at);
@@ -153,7 +153,7 @@ impl Channel {
     }
 
     /// Sets the cursor read back from the store.
-    pub fn restore_cursor(&mut self, cursor: u64) {
+    pub(crate) fn restore_cursor(&mut self, cursor: u64) {
         self.taken_upto = cursor;
         self.cursor_on_disk = cursor;
         self.cursor_staged = cursor;
@@ -162,7 +162,7 @@ impl Channel {
     /// Nothing in it, nobody waiting, cursor on disk, and nothing lost that the lost
     /// watermark `lost_floor` does not cover: it can be forgotten, and a state made
     /// anew for it later knows as much.
-    pub fn is_idle(&self, lost_floor: u64) -> bool {
+    pub(crate) fn is_idle(&self, lost_floor: u64) -> bool {
         self.lost_upto <= lost_floor
             && self.taken_upto == self.cursor_on_disk
             && self.queue.is_empty()
@@ -185,7 +185,7 @@ pub(super) struct Membership {
 
 impl Membership {
     /// Whether the membership is in force at `at_ms`.
-    pub fn active_at(&self, at_ms: u64, group_expiry_ms: u64) -> bool {
+    pub(crate) fn active_at(&self, at_ms: u64, group_expiry_ms: u64) -> bool {
         at_ms < self.last_add_ms.saturating_add(group_expiry_ms)
     }
 }
@@ -203,7 +203,7 @@ pub(super) struct State {
 
 impl State {
     /// The send time for a new message: now, but never before the previous one.
-    pub fn send_time(&mut self, now_ms: u64) -> u64 {
+    pub(crate) fn send_time(&mut self, now_ms: u64) -> u64 {
         self.last_sent_at_ms = self.last_sent_at_ms.max(now_ms);
         self.last_sent_at_ms
     }

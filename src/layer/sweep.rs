@@ -29,7 +29,7 @@ impl ChannelLayer {
     }
 
     /// Writes everything to disk now (for shutdown).
-    pub fn flush_to_disk(&self) -> Result<(), Error> {
+    pub(crate) fn flush_to_disk(&self) -> Result<(), Error> {
         self.inner
             .write_cursors(&mut self.inner.state.lock(), true)?;
         Ok(self.inner.store.flush_blocking()?)

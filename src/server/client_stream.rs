@@ -33,7 +33,7 @@ async fn linger(mut stream: TcpStream) {
 ///   a client that stopped reading (its buffers full) does not hold its connection,
 ///   and its connection slot, for as long as TCP keeps it open;
 /// - dropped before the client's end of input, it [`linger`]s in a task of its own.
-pub struct ClientStream {
+pub(crate) struct ClientStream {
     /// Always `Some` until dropped; taken by the lingering task.
     stream: Option<TcpStream>,
     /// The client ended its sending side: closing now cannot reset anything.

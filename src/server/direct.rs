@@ -41,7 +41,7 @@ const MAX_HEADERS: usize = 64;
 const BATCH_BYTES: usize = 64 * 1024;
 
 /// A GET request for an event stream, still unread on its connection.
-pub struct EventStreamRequest {
+pub(crate) struct EventStreamRequest {
     request: Request<Empty<Bytes>>,
     /// How many bytes the request head takes on the wire.
     head_len: usize,
@@ -50,7 +50,7 @@ pub struct EventStreamRequest {
 /// Waits for the connection's first bytes and, if they are a whole event-stream request
 /// head, returns the request (leaving the bytes unread). `None` leaves the connection
 /// to hyper, untouched.
-pub async fn peek_event_stream(stream: &TcpStream) -> Option<EventStreamRequest> {
+pub(crate) async fn peek_event_stream(stream: &TcpStream) -> Option<EventStreamRequest> {
     let mut bytes = vec![0; PEEK_BYTES];
     let n = stream.peek(&mut bytes).await.ok()?;
     parse_event_stream(&bytes[..n])
@@ -94,7 +94,7 @@ fn parse_event_stream(bytes: &[u8]) -> Option<EventStreamRequest> {
 /// Reads the request off `stream`, answers it with `routes`, and closes the
 /// connection when the response ends, the client goes away, or a write fails (a
 /// [`ClientStream`] gives up on a write that stalls).
-pub async fn respond(mut stream: ClientStream, request: EventStreamRequest, routes: Routes) {
+pub(crate) async fn respond(mut stream: ClientStream, request: EventStreamRequest, routes: Routes) {
     let mut head = vec![0; request.head_len];
     if stream.read_exact(&mut head).await.is_err() {
         return;

@@ -15,18 +15,24 @@ pub struct WriteBatch {
 impl WriteBatch {
     /// Stores the membership of `channel` in `group`: the id it joined at and the time
     /// of its last group_add.
-    pub fn put_membership(&mut self, group: &str, channel: &str, joined_id: u64, last_add_ms: u64) {
+    pub(crate) fn put_membership(
+        &mut self,
+        group: &str,
+        channel: &str,
+        joined_id: u64,
+        last_add_ms: u64,
+    ) {
         let value = keys::encode_membership(joined_id, last_add_ms);
         self.insert(&keys::membership(group, channel), &value);
     }
 
     /// Ends the membership of `channel` in `group`.
-    pub fn remove_membership(&mut self, group: &str, channel: &str) {
+    pub(crate) fn remove_membership(&mut self, group: &str, channel: &str) {
         self.remove(&keys::membership(group, channel));
     }
 
     /// Records that every message of `channel` up to `taken_upto` was received.
-    pub fn put_cursor(&mut self, channel: &str, taken_upto: u64) {
+    pub(crate) fn put_cursor(&mut self, channel: &str, taken_upto: u64) {
         self.insert(&keys::cursor(channel), &keys::encode_u64(taken_upto));
     }
 
@@ -37,7 +43,7 @@ impl WriteBatch {
     }
 
     /// Removes a pin.
-    pub fn unpin(&mut self, id: u64, channel: &str) {
+    pub(crate) fn unpin(&mut self, id: u64, channel: &str) {
         self.remove(&keys::reference(id, channel));
     }
 

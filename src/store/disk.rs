@@ -54,7 +54,7 @@ impl Disk {
 
     /// Syncs every blob file not synced yet, then the blob directory. sled writes a blob
     /// when the value is inserted, so by the time of a flush its file is complete.
-    pub fn sync_blobs(&self) -> io::Result<()> {
+    pub(crate) fn sync_blobs(&self) -> io::Result<()> {
         let entries = match std::fs::read_dir(&self.blobs) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -92,7 +92,7 @@ impl Disk {
     }
 
     /// Makes the log's bytes and size durable, after sled's flush wrote them.
-    pub fn sync_log(&self) -> io::Result<()> {
+    pub(crate) fn sync_log(&self) -> io::Result<()> {
         self.log.sync_data()
     }
 }

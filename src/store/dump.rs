@@ -20,12 +20,12 @@ use super::{Store, StoreError, Stored};
 use crate::names;
 
 /// The version of the dump format this build writes and reads.
-pub const DUMP_VERSION: u32 = 1;
+pub(crate) const DUMP_VERSION: u32 = 1;
 
 /// One line of a dump.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Line {
+pub(crate) enum Line {
     Header {
         herald_dump: u32,
         format_version: u32,

@@ -79,7 +79,7 @@ impl Failure {
         }
     }
 
-    pub fn to_error(&self) -> StoreError {
+    pub(crate) fn to_error(&self) -> StoreError {
         if self.full {
             StoreError::Full
         } else {
@@ -161,7 +161,7 @@ impl Handle {
         self.read(|db| Ok(db.clone()))
     }
 
-    pub fn generate_id(&self) -> Result<u64, StoreError> {
+    pub(crate) fn generate_id(&self) -> Result<u64, StoreError> {
         self.write(|db| db.generate_id())
     }
 
@@ -202,7 +202,7 @@ impl Handle {
 
     /// Starts the healer thread; `on_reopen` runs while no operation is in progress,
     /// just before the failed database is closed.
-    pub fn spawn_healer(
+    pub(crate) fn spawn_healer(
         self: &Arc<Self>,
         on_reopen: impl Fn(&Failure) + Send + 'static,
     ) -> std::io::Result<JoinHandle<()>> {

@@ -21,20 +21,20 @@
 //! it, and a directory without it is simply not checked against the watermark file.
 
 /// The format version this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
-pub const VERSION: &[u8] = b"V";
-pub const ID_FLOOR: &[u8] = b"S";
-pub const WATERMARK: &[u8] = b"W";
-pub const MESSAGE: u8 = b'M';
-pub const MEMBERSHIP: u8 = b'G';
-pub const CURSOR: u8 = b'C';
-pub const REF: u8 = b'R';
+pub(crate) const VERSION: &[u8] = b"V";
+pub(crate) const ID_FLOOR: &[u8] = b"S";
+pub(crate) const WATERMARK: &[u8] = b"W";
+pub(crate) const MESSAGE: u8 = b'M';
+pub(crate) const MEMBERSHIP: u8 = b'G';
+pub(crate) const CURSOR: u8 = b'C';
+pub(crate) const REF: u8 = b'R';
 /// The lost watermark: the highest id of a message deleted from the store (by the
 /// expiry sweep or a flush). A channel whose in-memory state was forgotten, or not yet
 /// rebuilt, knows what it lost only up to this id, so a resume after a lower id gets a
 /// gap. Added in format version 2 without a version change: older builds ignore it.
-pub const LOST: &[u8] = b"L";
+pub(crate) const LOST: &[u8] = b"L";
 
 /// `M` id.
 pub fn message(id: u64) -> [u8; 9] {
@@ -44,7 +44,7 @@ pub fn message(id: u64) -> [u8; 9] {
 }
 
 /// The id of an `M` key.
-pub fn message_id(key: &[u8]) -> Option<u64> {
+pub(crate) fn message_id(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.get(1..9)?.try_into().ok()?))
 }
 
@@ -59,7 +59,7 @@ pub fn membership(group: &str, channel: &str) -> Vec<u8> {
 }
 
 /// The group and channel of a `G` key.
-pub fn membership_parts(key: &[u8]) -> Option<(&str, &str)> {
+pub(crate) fn membership_parts(key: &[u8]) -> Option<(&str, &str)> {
     let rest = key.get(1..)?;
     let nul = rest.iter().position(|b| *b == 0)?;
     Some((
@@ -77,7 +77,7 @@ pub fn cursor(channel: &str) -> Vec<u8> {
 }
 
 /// The channel of a `C` key.
-pub fn cursor_channel(key: &[u8]) -> Option<&str> {
+pub(crate) fn cursor_channel(key: &[u8]) -> Option<&str> {
     std::str::from_utf8(key.get(1..)?).ok()
 }
 
@@ -91,30 +91,30 @@ pub fn reference(id: u64, channel: &str) -> Vec<u8> {
 }
 
 /// The id and channel of an `R` key.
-pub fn reference_parts(key: &[u8]) -> Option<(u64, &str)> {
+pub(crate) fn reference_parts(key: &[u8]) -> Option<(u64, &str)> {
     let id = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
     Some((id, std::str::from_utf8(key.get(9..)?).ok()?))
 }
 
 /// The first key of the `R` range for ids at or above `id`.
-pub fn reference_from(id: u64) -> [u8; 9] {
+pub(crate) fn reference_from(id: u64) -> [u8; 9] {
     let mut key = [REF; 9];
     key[1..].copy_from_slice(&id.to_be_bytes());
     key
 }
 
 /// A u64 value.
-pub fn encode_u64(value: u64) -> [u8; 8] {
+pub(crate) fn encode_u64(value: u64) -> [u8; 8] {
     value.to_be_bytes()
 }
 
 /// Reads a u64 value.
-pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
+pub(crate) fn decode_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
 }
 
 /// A membership value: joined id and last add time in ms.
-pub fn encode_membership(joined_id: u64, last_add_ms: u64) -> [u8; 16] {
+pub(crate) fn encode_membership(joined_id: u64, last_add_ms: u64) -> [u8; 16] {
     let mut value = [0; 16];
     value[..8].copy_from_slice(&joined_id.to_be_bytes());
     value[8..].copy_from_slice(&last_add_ms.to_be_bytes());
@@ -122,7 +122,7 @@ pub fn encode_membership(joined_id: u64, last_add_ms: u64) -> [u8; 16] {
 }
 
 /// Reads a membership value.
-pub fn decode_membership(bytes: &[u8]) -> Option<(u64, u64)> {
+pub(crate) fn decode_membership(bytes: &[u8]) -> Option<(u64, u64)> {
     Some((decode_u64(bytes)?, decode_u64(bytes.get(8..)?)?))
 }
 

@@ -8,14 +8,14 @@ use super::keys::{self, FORMAT_VERSION, VERSION};
 use super::record::{MessageBatch, Record};
 
 /// A step that upgrades a database from version `to - 1` to `to`.
-pub struct Migration {
+pub(crate) struct Migration {
     pub to: u32,
     pub describe: &'static str,
     pub run: fn(&sled::Db) -> Result<(), sled::Error>,
 }
 
 /// Every upgrade step, in order; version N's step comes with `migrations/000N-*.md`.
-pub const MIGRATIONS: &[Migration] = &[Migration {
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
     to: 2,
     describe: "store message records in batches",
     run: batch_messages,

@@ -317,7 +317,7 @@ impl Store {
 
     /// The lost watermark: no message with a higher id was deleted yet (see
     /// [`keys::LOST`]).
-    pub fn lost_upto(&self) -> u64 {
+    pub(crate) fn lost_upto(&self) -> u64 {
         self.lost.load(Ordering::SeqCst)
     }
 
@@ -339,7 +339,7 @@ impl Store {
     /// Stores a message record. In `sync` mode it waits in memory and the flusher writes
     /// it with the others of its flush; in `interval` mode (no flusher) it is written at
     /// once as a batch of one. Refused at once while writes are failing (a full disk).
-    pub fn append(&self, id: u64, record: &Record) -> Result<Ticket, StoreError> {
+    pub(crate) fn append(&self, id: u64, record: &Record) -> Result<Ticket, StoreError> {
         self.flusher.last_id.fetch_max(id, Ordering::SeqCst);
         if self.durability == Durability::Interval {
             let batch = MessageBatch::new(id, record);
@@ -390,7 +390,7 @@ impl Store {
 
     /// Waits until the write with `ticket` is durable as configured: on disk for
     /// `sync`, at once for `interval` (the flusher flushes on its timer).
-    pub async fn commit(&self, ticket: Ticket) -> Result<(), StoreError> {
+    pub(crate) async fn commit(&self, ticket: Ticket) -> Result<(), StoreError> {
         if self.durability == Durability::Interval {
             return Ok(());
         }
@@ -419,7 +419,7 @@ impl Store {
 
     /// Asks for a flush soon without waiting for it, for writes nobody waits on (receive
     /// cursors) that must still reach the disk in bounded time.
-    pub fn flush_soon(&self) {
+    pub(crate) fn flush_soon(&self) {
         if self.durability == Durability::Sync {
             self.flusher.request();
         }
@@ -427,13 +427,13 @@ impl Store {
 
     /// Writes the appended message records to sled without flushing, so that a scan
     /// sees every message sent so far.
-    pub fn write_pending(&self) -> Result<(), StoreError> {
+    pub(crate) fn write_pending(&self) -> Result<(), StoreError> {
         self.flusher.write_pending(&self.db).2
     }
 
     /// Writes and flushes everything now, blocking, and records it in the watermark
     /// file at once.
-    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+    pub(crate) fn flush_blocking(&self) -> Result<(), StoreError> {
         let (_, mark, written) = self.flusher.write_pending(&self.db);
         written?;
         self.db.flush()?;

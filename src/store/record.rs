@@ -32,7 +32,7 @@ pub struct Record {
 impl Record {
     /// Bytes the record adds to its [`MessageBatch`]: its id, its length and its
     /// encoding.
-    pub fn stored_len(&self) -> usize {
+    pub(crate) fn stored_len(&self) -> usize {
         12 + self.encoded_len()
     }
 
@@ -86,24 +86,19 @@ impl Record {
             body: Bytes::copy_from_slice(reader.0),
         })
     }
-
-    /// Reads only the send time.
-    pub fn decode_sent_at(bytes: &[u8]) -> Option<u64> {
-        Some(u64::from_be_bytes(bytes.get(1..9)?.try_into().ok()?))
-    }
 }
 
 /// Most bytes of one stored batch; more records start another. Well below what sled
 /// moves out of its log into a file of its own (a quarter of a 512 KiB segment, for the
 /// whole node holding the value).
-pub const MAX_BATCH_BYTES: usize = 16 << 10;
+pub(crate) const MAX_BATCH_BYTES: usize = 16 << 10;
 
 /// Consecutive records stored under one key, the id of the first (format version 2).
 ///
 /// Layout: the newest send time (u64 BE, so that the expiry sweep reads only 8 bytes),
 /// then per record its id (u64 BE), its length (u32 BE) and its bytes, in id order.
 #[derive(Debug)]
-pub struct MessageBatch {
+pub(crate) struct MessageBatch {
     first_id: u64,
     bytes: Vec<u8>,
 }
@@ -133,7 +128,7 @@ impl MessageBatch {
     }
 
     /// The id of the first record: the batch's key.
-    pub fn first_id(&self) -> u64 {
+    pub(crate) fn first_id(&self) -> u64 {
         self.first_id
     }
 
@@ -148,19 +143,19 @@ impl MessageBatch {
     }
 
     /// The newest send time of a stored batch, for the expiry sweep.
-    pub fn decode_sent_at(bytes: &[u8]) -> Option<u64> {
+    pub(crate) fn decode_sent_at(bytes: &[u8]) -> Option<u64> {
         Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
     }
 
     /// Bytes of a stored batch taken by its records (see [`Record::stored_len`]): all
     /// but the send time in front.
-    pub fn records_len(bytes: &[u8]) -> usize {
+    pub(crate) fn records_len(bytes: &[u8]) -> usize {
         bytes.len().saturating_sub(8)
     }
 
     /// How many records a stored batch holds and the id of the last, read without
     /// decoding the records; `None` if the batch is damaged.
-    pub fn decode_extent(bytes: &[u8]) -> Option<(usize, u64)> {
+    pub(crate) fn decode_extent(bytes: &[u8]) -> Option<(usize, u64)> {
         let mut reader = Reader(bytes.get(8..)?);
         let mut extent = None;
         while !reader.0.is_empty() {
@@ -238,7 +233,6 @@ mod tests {
         record.encode_into(&mut bytes);
         assert_eq!(record.stored_len(), 12 + bytes.len());
         assert_eq!(Record::decode(&bytes), Some(record.clone()));
-        assert_eq!(Record::decode_sent_at(&bytes), Some(1_700_000_000_123));
         assert_eq!(Record::decode(&bytes[..5]), None);
     }
 

@@ -30,7 +30,7 @@ impl Store {
     /// Every stored record: memberships, receive cursors and pins first (they decide a
     /// group message's recipients), then the messages in id order. A record that cannot
     /// be decoded is a [`StoreError::Corrupt`] item.
-    pub fn recover(&self) -> impl Iterator<Item = Result<Stored, StoreError>> + use<> {
+    pub(crate) fn recover(&self) -> impl Iterator<Item = Result<Stored, StoreError>> + use<> {
         let kind = |prefix: u8, what: Damaged, decode: fn(&[u8], &[u8]) -> Option<Stored>| {
             self.scan(&[prefix])
                 .map(move |item| item.map(|(key, value)| decode(&key, &value).ok_or(what)))

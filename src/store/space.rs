@@ -43,7 +43,7 @@ pub(super) struct Space {
 
 impl Store {
     /// Sets `storage.max_disk_bytes` (0: no limit) and measures the data directory.
-    pub fn limit_disk(&self, max_bytes: u64) {
+    pub(crate) fn limit_disk(&self, max_bytes: u64) {
         self.space.limit.store(max_bytes, Ordering::Relaxed);
         self.measure_disk();
     }
@@ -52,7 +52,7 @@ impl Store {
     /// was admitted since, stays within `storage.max_disk_bytes`; otherwise
     /// [`StoreError::DiskLimit`], and nothing is counted. Measuring costs a directory
     /// walk, so the sweep does it ([`Store::measure_disk`]), not every publish.
-    pub fn take_room(&self, bytes: usize) -> Result<(), StoreError> {
+    pub(crate) fn take_room(&self, bytes: usize) -> Result<(), StoreError> {
         let limit = self.space.limit.load(Ordering::Relaxed);
         if limit == 0 {
             return Ok(());
@@ -70,7 +70,7 @@ impl Store {
 
     /// Measures the data directory (every file in it and in `blobs/`), for
     /// [`Store::take_room`]; returns the size.
-    pub fn measure_disk(&self) -> u64 {
+    pub(crate) fn measure_disk(&self) -> u64 {
         let admitted = self.space.admitted.load(Ordering::Relaxed);
         let size = dir_bytes(&self.path);
         self.space.measured.store(size, Ordering::Relaxed);
@@ -80,13 +80,13 @@ impl Store {
     }
 
     /// Bytes the data directory takes, as last measured plus what was admitted since.
-    pub fn size_on_disk(&self) -> u64 {
+    pub(crate) fn size_on_disk(&self) -> u64 {
         self.space.measured.load(Ordering::Relaxed) + self.space.admitted.load(Ordering::Relaxed)
     }
 
     /// Whether a data directory of `disk` bytes holding `live` bytes of messages is
     /// over the bound [`Store::reclaim`] restores: twice the live data plus 64 MiB.
-    pub fn is_bloated(disk: u64, live: u64) -> bool {
+    pub(crate) fn is_bloated(disk: u64, live: u64) -> bool {
         disk > live.saturating_mul(2).saturating_add(SLACK_BYTES)
     }
 

@@ -28,7 +28,7 @@ impl Store {
     /// `cutoff_ms` (up to [`ROUND_BATCHES`] batches of them), the pins of their ids,
     /// and the cursors below the first id kept; raises the lost watermark
     /// ([`Store::lost_upto`]) to the highest deleted id.
-    pub fn delete_sent_before(&self, cutoff_ms: u64) -> Result<Deleted, StoreError> {
+    pub(crate) fn delete_sent_before(&self, cutoff_ms: u64) -> Result<Deleted, StoreError> {
         let mut batch = WriteBatch::default();
         let mut deleted = Deleted::default();
         let mut batches = 0;
