@@ -134,6 +134,38 @@ async fn a_full_disk_refuses_writes_keeps_serving_and_recovers_interval() {
     disk_full("interval").await;
 }
 
+/// What a disk-full test sent, and what the server acknowledged, per channel in order.
+#[derive(Default)]
+struct Ledger {
+    sent: BTreeSet<String>,
+    acked: BTreeMap<&'static str, Vec<String>>,
+}
+
+impl Ledger {
+    /// Publishes `key` (padded by `pad` bytes) to `channel` and returns the answer,
+    /// noting it as acknowledged on a 202.
+    async fn publish(
+        &mut self,
+        api: &Api,
+        channel: &'static str,
+        key: String,
+        pad: usize,
+    ) -> reqwest::Response {
+        self.sent.insert(key.clone());
+        let response = api.send_raw(channel, &message(&key, pad)).await;
+        if response.status().as_u16() == 202 {
+            self.acked.entry(channel).or_default().push(key);
+        }
+        response
+    }
+
+    /// [`Ledger::publish`] that must be acknowledged.
+    async fn publish_ok(&mut self, api: &Api, channel: &'static str, key: String, pad: usize) {
+        let response = self.publish(api, channel, key, pad).await;
+        assert_eq!(response.status().as_u16(), 202, "{channel}");
+    }
+}
+
 async fn disk_full(durability: &str) {
     let name = format!("disk_full({durability})");
     let work = Workdir::new();
@@ -152,14 +184,11 @@ async fn disk_full(durability: &str) {
     let config = format!("{CONFIG}[storage]\ndurability = \"{durability}\"\n");
     let mut server = Server::start_in(work.clone(), &config).await;
     let api = Api::new(&server);
-    let mut sent: BTreeSet<String> = BTreeSet::new();
-    // Channel → keys acknowledged, in order.
-    let mut acked: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut ledger = Ledger::default();
     for n in 0..5 {
-        let key = format!("kept-{n}");
-        sent.insert(key.clone());
-        api.send("full.kept", &message(&key, 10)).await;
-        acked.entry("full.kept").or_default().push(key);
+        ledger
+            .publish_ok(&api, "full.kept", format!("kept-{n}"), 10)
+            .await;
     }
     // Past the flush interval: on disk in either mode.
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -172,56 +201,9 @@ async fn disk_full(durability: &str) {
         "{name}: tmpfs had {free} bytes free, filler takes {filled}, {} left",
         tmpfs.available()
     );
-    let started = Instant::now();
-    let mut n = 0;
-    let refused = loop {
-        let key = format!("bulk-{n}");
-        sent.insert(key.clone());
-        let response = api.send_raw("full.bulk", &message(&key, 2000)).await;
-        if response.status().as_u16() != 202 {
-            break response;
-        }
-        acked.entry("full.bulk").or_default().push(key);
-        n += 1;
-        assert!(n < 20_000, "20,000 publishes of 2 kB fitted in 1 MiB");
-    };
-    eprintln!(
-        "{name}: the first refused publish came after {n} accepted ones, in {:?}",
-        started.elapsed()
-    );
-    assert_error(refused, 507, "storage_full").await;
-
-    // Writes keep failing the same way while the disk is full.
-    for i in 0..5 {
-        let key = format!("refused-{i}");
-        sent.insert(key.clone());
-        let response = api.send_raw("full.other", &message(&key, 10)).await;
-        assert_error(response, 507, "storage_full").await;
-    }
-    let response = within(
-        T,
-        "group_add",
-        api.http
-            .put(api.url("/v1/groups/full.g/channels/full.member"))
-            .send(),
-    )
-    .await
-    .unwrap();
-    assert_error(response, 507, "storage_full").await;
-
-    // What is stored is still served.
-    let mut received: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for channel in ["full.kept", "full.bulk"] {
-        for _ in 0..2 {
-            let (_, m) = api
-                .receive(channel)
-                .await
-                .unwrap_or_else(|| panic!("{channel} has acknowledged messages"));
-            received.entry(channel).or_default().push(key_of(&m));
-        }
-    }
-    assert_eq!(received["full.kept"], acked["full.kept"][..2]);
-    assert_eq!(received["full.bulk"], acked["full.bulk"][..2]);
+    publish_until_full(&name, &api, &mut ledger).await;
+    refuses_every_write_while_full(&api, &mut ledger).await;
+    let received = still_serves_what_is_stored(&api, &ledger).await;
     api.assert_healthy().await;
     tokio::time::sleep(Duration::from_millis(1500)).await; // a sweep runs meanwhile
     api.assert_healthy().await;
@@ -234,35 +216,11 @@ async fn disk_full(durability: &str) {
 
     // Space comes back: publishes work again soon, without a restart.
     std::fs::remove_file(&filler).unwrap();
-    let freed = Instant::now();
-    let mut attempt = 0;
-    loop {
-        let key = format!("after-{attempt}");
-        sent.insert(key.clone());
-        let response = api.send_raw("full.after", &message(&key, 10)).await;
-        let (status, json) = json_of(response).await;
-        if status == 202 {
-            acked.entry("full.after").or_default().push(key);
-            break;
-        }
-        assert_eq!(json["error"]["code"], "storage_full", "{status} {json}");
-        assert!(
-            freed.elapsed() < Duration::from_secs(5),
-            "publishes still fail 5 s after space came back: {status} {json}; log:\n{}",
-            server.log()
-        );
-        attempt += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    eprintln!(
-        "{name}: publishes work again {:?} after space came back",
-        freed.elapsed()
-    );
+    publishes_work_again(&name, &server, &api, &mut ledger).await;
     for i in 0..20 {
-        let key = format!("later-{i}");
-        sent.insert(key.clone());
-        api.send("full.after", &message(&key, 2000)).await;
-        acked.entry("full.after").or_default().push(key);
+        ledger
+            .publish_ok(&api, "full.after", format!("later-{i}"), 2000)
+            .await;
     }
     api.group_add("full.g", "full.member").await;
     api.assert_healthy().await;
@@ -277,37 +235,142 @@ async fn disk_full(durability: &str) {
     assert_no_panic(&server.log());
     let mut restarted = server.restart().await;
     let api = Api::new(&restarted);
-    for (channel, keys) in &acked {
-        let got: Vec<String> = api
-            .drain(channel)
-            .await
-            .iter()
-            .map(|(_, m)| key_of(m))
-            .collect();
-        let unique: BTreeSet<&String> = got.iter().collect();
-        assert_eq!(unique.len(), got.len(), "{channel} delivers twice: {got:?}");
-        for key in &got {
-            assert!(sent.contains(key), "{channel} delivers {key}, never sent");
-        }
+    for (channel, keys) in &ledger.acked {
         // The bulk publishes just before the disk filled were acknowledged before
         // reaching the disk in interval mode.
-        if durability == "interval" && *channel == "full.bulk" {
-            continue;
-        }
+        let all_kept = !(durability == "interval" && *channel == "full.bulk");
         let taken = received.get(channel).map_or(0, Vec::len);
-        for key in &keys[taken..] {
-            assert!(
-                got.contains(key),
-                "{channel}: acknowledged {key} lost (got {} of {})",
-                got.len(),
-                keys.len() - taken
-            );
-        }
+        check_after_restart(&api, &ledger, channel, &keys[taken..], all_kept).await;
     }
     assert_eq!(api.members("full.g").await, ["full.member"]);
     assert_no_panic(&restarted.log());
     restarted.kill().await;
     drop(tmpfs);
+}
+
+/// Publishes 2 kB messages to `full.bulk` until one is refused, which must be a 507
+/// `storage_full`.
+async fn publish_until_full(name: &str, api: &Api, ledger: &mut Ledger) {
+    let started = Instant::now();
+    let mut n = 0;
+    let refused = loop {
+        let response = ledger
+            .publish(api, "full.bulk", format!("bulk-{n}"), 2000)
+            .await;
+        if response.status().as_u16() != 202 {
+            break response;
+        }
+        n += 1;
+        assert!(n < 20_000, "20,000 publishes of 2 kB fitted in 1 MiB");
+    };
+    eprintln!(
+        "{name}: the first refused publish came after {n} accepted ones, in {:?}",
+        started.elapsed()
+    );
+    assert_error(refused, 507, "storage_full").await;
+}
+
+/// Sends and group_adds keep failing with 507 `storage_full` while the disk is full.
+async fn refuses_every_write_while_full(api: &Api, ledger: &mut Ledger) {
+    for i in 0..5 {
+        let response = ledger
+            .publish(api, "full.other", format!("refused-{i}"), 10)
+            .await;
+        assert_error(response, 507, "storage_full").await;
+    }
+    let response = within(
+        T,
+        "group_add",
+        api.http
+            .put(api.url("/v1/groups/full.g/channels/full.member"))
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_error(response, 507, "storage_full").await;
+}
+
+/// Receives two messages of each channel that was written before the disk filled: the
+/// first two acknowledged, in order. Returns what was received, per channel.
+async fn still_serves_what_is_stored(
+    api: &Api,
+    ledger: &Ledger,
+) -> BTreeMap<&'static str, Vec<String>> {
+    let mut received: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for channel in ["full.kept", "full.bulk"] {
+        for _ in 0..2 {
+            let (_, m) = api
+                .receive(channel)
+                .await
+                .unwrap_or_else(|| panic!("{channel} has acknowledged messages"));
+            received.entry(channel).or_default().push(key_of(&m));
+        }
+        assert_eq!(received[channel], ledger.acked[channel][..2]);
+    }
+    received
+}
+
+/// Publishes to `full.after` every 100 ms until one is accepted, which must happen
+/// within 5 s of the space coming back; until then every refusal is `storage_full`.
+async fn publishes_work_again(name: &str, server: &Server, api: &Api, ledger: &mut Ledger) {
+    let freed = Instant::now();
+    for attempt in 0.. {
+        let response = ledger
+            .publish(api, "full.after", format!("after-{attempt}"), 10)
+            .await;
+        let (status, json) = json_of(response).await;
+        if status == 202 {
+            break;
+        }
+        assert_eq!(json["error"]["code"], "storage_full", "{status} {json}");
+        assert!(
+            freed.elapsed() < Duration::from_secs(5),
+            "publishes still fail 5 s after space came back: {status} {json}; log:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "{name}: publishes work again {:?} after space came back",
+        freed.elapsed()
+    );
+}
+
+/// After the restart, `channel` delivers each message at most once, only messages that
+/// were sent, and (when `all_kept`) every one of `unreceived`, the acknowledged
+/// messages not received before.
+async fn check_after_restart(
+    api: &Api,
+    ledger: &Ledger,
+    channel: &str,
+    unreceived: &[String],
+    all_kept: bool,
+) {
+    let got: Vec<String> = api
+        .drain(channel)
+        .await
+        .iter()
+        .map(|(_, m)| key_of(m))
+        .collect();
+    let unique: BTreeSet<&String> = got.iter().collect();
+    assert_eq!(unique.len(), got.len(), "{channel} delivers twice: {got:?}");
+    for key in &got {
+        assert!(
+            ledger.sent.contains(key),
+            "{channel} delivers {key}, never sent"
+        );
+    }
+    if !all_kept {
+        return;
+    }
+    for key in unreceived {
+        assert!(
+            got.contains(key),
+            "{channel}: acknowledged {key} lost (got {} of {})",
+            got.len(),
+            unreceived.len()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
