@@ -285,8 +285,43 @@ impl Settings {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
-        if self.layer.max_message_bytes > 64 * 1024 * 1024 {
-            return Err(invalid("layer.max_message_bytes", "must be at most 64 MiB"));
+        const TEN_YEARS_SECS: u64 = 10 * 365 * 86_400;
+        let at_most = [
+            (
+                "layer.max_message_bytes",
+                self.layer.max_message_bytes as u64,
+                64 << 20,
+                "64 MiB",
+            ),
+            (
+                "server.max_connections",
+                self.server.max_connections as u64,
+                1 << 20,
+                "1048576",
+            ),
+            (
+                "server.max_wait_secs",
+                self.server.max_wait_secs,
+                86_400,
+                "86400 (a day)",
+            ),
+            (
+                "layer.expiry_secs",
+                self.layer.expiry_secs,
+                TEN_YEARS_SECS,
+                "315360000 (ten years)",
+            ),
+            (
+                "layer.group_expiry_secs",
+                self.layer.group_expiry_secs,
+                TEN_YEARS_SECS,
+                "315360000 (ten years)",
+            ),
+        ];
+        for (key, value, limit, said) in at_most {
+            if value > limit {
+                return Err(invalid(key, &format!("must be at most {said}")));
+            }
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "must not be empty"));
@@ -459,5 +494,29 @@ mod tests {
         std::fs::write(&file, "[layer.channel_capacity]\n\"a[\" = 3\n").unwrap();
         let err = Settings::load(Some(&file)).unwrap_err().to_string();
         assert!(err.contains("bad glob"), "{err}");
+    }
+
+    #[test]
+    fn values_past_their_range_are_refused_with_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("big.toml");
+        for (section, key, largest) in [
+            ("server", "max_connections", 1_048_576u64),
+            ("server", "max_wait_secs", 86_400),
+            ("layer", "expiry_secs", 315_360_000),
+            ("layer", "group_expiry_secs", 315_360_000),
+            ("layer", "max_message_bytes", 64 << 20),
+        ] {
+            std::fs::write(&file, format!("[{section}]\n{key} = {largest}\n")).unwrap();
+            Settings::load(Some(&file)).unwrap_or_else(|e| panic!("{key} = {largest}: {e}"));
+            for past in [largest + 1, i64::MAX as u64] {
+                std::fs::write(&file, format!("[{section}]\n{key} = {past}\n")).unwrap();
+                let err = Settings::load(Some(&file)).unwrap_err().to_string();
+                assert!(
+                    err.contains(&format!("{section}.{key}")),
+                    "{key} = {past}: {err}"
+                );
+            }
+        }
     }
 }

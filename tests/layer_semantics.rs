@@ -546,3 +546,17 @@ async fn a_resume_learns_of_losses_after_the_sweep_forgot_the_channel_a_flush_an
         })
     );
 }
+
+#[tokio::test]
+async fn the_longest_channel_expiry_keeps_messages_instead_of_overflowing() {
+    let t = TestLayer::with(|s| {
+        s.layer.channel_expiry.insert("forever.*".into(), u64::MAX);
+    });
+    t.layer.send("forever.c", msg("t", 1)).await.unwrap();
+    t.advance(10 * 365 * 86_400);
+    // The disk sweep keeps it too, so it is there after a restart.
+    t.layer.sweep().unwrap();
+    let t = t.restart();
+    let got = t.layer.receive("forever.c", Duration::ZERO).await.unwrap();
+    assert_eq!(got.map(|d| n_of(&d.message)), Some(1));
+}

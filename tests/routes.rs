@@ -300,3 +300,27 @@ async fn healthz_answers_ok() {
     let response = request("GET", "/healthz").reply(&app).await;
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test]
+async fn refusals_quote_at_most_64_bytes_of_what_the_client_sent() {
+    let (app, _dir) = app("").await;
+    let huge = "9x".repeat(50_000);
+    let stream = request("GET", "/v1/channels/c/events")
+        .header("last-event-id", &huge)
+        .reply(&app)
+        .await;
+    // A URI has a length limit of its own.
+    let wait = request(
+        "GET",
+        &format!("/v1/channels/c/messages?wait={}", &huge[..1000]),
+    )
+    .reply(&app)
+    .await;
+    for response in [stream, wait] {
+        assert_refused(&response, 400, "invalid_parameter");
+        let message = json_body(&response)["error"]["message"].to_string();
+        assert!(message.contains(&"9x".repeat(32)), "{message}");
+        assert!(!message.contains(&"9x".repeat(33)), "{message}");
+        assert!(response.body().len() < 300, "{}", response.body().len());
+    }
+}

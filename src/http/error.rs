@@ -100,6 +100,21 @@ pub(crate) struct ApiError {
 
 impl warp::reject::Reject for ApiError {}
 
+/// At most this many bytes of a client's input are quoted back in an error message, so
+/// that a huge header or parameter is not sent back whole.
+const QUOTED_BYTES: usize = 64;
+
+/// `input` quoted for an error message: at most [`QUOTED_BYTES`] of it (cut at a
+/// character boundary), followed by `…` when cut.
+pub(crate) fn quoted(input: &str) -> String {
+    let mut end = input.len().min(QUOTED_BYTES);
+    while !input.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = if end < input.len() { "…" } else { "" };
+    format!("{:?}{cut}", &input[..end])
+}
+
 /// What went wrong, as every error body and WebSocket error frame says it.
 #[derive(Serialize)]
 pub(crate) struct ErrorDoc<'a> {
@@ -232,4 +247,22 @@ pub(crate) async fn handle_rejection(err: Rejection) -> Result<Response, Infalli
         ApiError::new(ErrorKind::Internal, "internal error")
     };
     Ok(error.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_input_is_cut_at_64_bytes_on_a_character_boundary() {
+        assert_eq!(quoted("abc"), "\"abc\"");
+        assert_eq!(quoted(&"x".repeat(64)), format!("\"{}\"", "x".repeat(64)));
+        assert_eq!(
+            quoted(&"x".repeat(100_000)),
+            format!("\"{}\"…", "x".repeat(64))
+        );
+        // 'é' is two bytes: 63 of 'x' then 'é' would straddle byte 64.
+        let straddling = format!("{}é and more", "x".repeat(63));
+        assert_eq!(quoted(&straddling), format!("\"{}\"…", "x".repeat(63)));
+    }
 }

@@ -12,7 +12,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::access::Credentials;
-use super::error::{ApiError, ErrorKind};
+use super::error::{ApiError, ErrorKind, quoted};
 use super::reply::{ChannelReply, Format, GroupSent, Id, empty, respond};
 use super::{Api, MessageBody, Query};
 use crate::auth::{Need, Target};
@@ -60,7 +60,7 @@ pub(crate) fn parse_wait(raw: Option<&str>, max_wait_secs: u64) -> Result<Durati
         .ok_or_else(|| {
             ApiError::new(
                 ErrorKind::InvalidParameter,
-                format!("wait must be a number of seconds, not {raw:?}"),
+                format!("wait must be a number of seconds, not {}", quoted(raw)),
             )
         })?;
     Ok(Duration::from_secs_f64(secs.min(max_wait_secs as f64)))

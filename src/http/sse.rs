@@ -19,7 +19,7 @@ use warp::sse::Event;
 use warp::{Filter, Rejection, Reply};
 
 use super::access::Credentials;
-use super::error::{ApiError, ErrorKind};
+use super::error::{ApiError, ErrorKind, quoted};
 use super::reply::{Gap, Id};
 use super::subscription::{Push, Spec, Subscription};
 use super::{Api, Query};
@@ -46,7 +46,7 @@ fn resume_after(header: Option<String>, query: Option<&Query>) -> Result<Option<
         Some(raw) => raw.parse().map(Some).map_err(|_| {
             ApiError::new(
                 ErrorKind::InvalidParameter,
-                format!("Last-Event-ID must be a message id, not {raw:?}"),
+                format!("Last-Event-ID must be a message id, not {}", quoted(raw)),
             )
         }),
     }

@@ -31,7 +31,7 @@ use warp::{Filter, Rejection};
 use super::Api;
 use super::access::Credentials;
 use super::body::body_limit;
-use super::error::{ApiError, ErrorKind};
+use super::error::{ApiError, ErrorKind, quoted};
 use super::handlers::{membership, parse_wait};
 use super::reply::{ChannelReply, Echo, Format, Gap, GroupSent, Id};
 use super::subscription::{Push, Spec, Subscription};
@@ -502,7 +502,7 @@ impl Connection {
             other => {
                 return Err(ApiError::new(
                     ErrorKind::InvalidParameter,
-                    format!("unknown op {other:?}"),
+                    format!("unknown op {}", quoted(other)),
                 ));
             }
         }

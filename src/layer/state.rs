@@ -8,6 +8,7 @@ use hashbrown::HashMap;
 use std::sync::Arc;
 
 use std::task::Waker;
+use std::time::Duration;
 
 use crate::config::ChannelRules;
 use crate::message::Message;
@@ -58,12 +59,17 @@ pub(super) struct Channel {
     pub cursor_staged: u64,
 }
 
+/// `duration` in whole milliseconds, `u64::MAX` for one too long to count them.
+pub(crate) fn saturating_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Channel {
     pub fn new(name: &str, rules: &ChannelRules, replay_capacity: usize, lost_upto: u64) -> Self {
         Channel {
             capacity: rules.capacity(name),
-            expiry_ms: rules.expiry(name).as_millis() as u64,
-            replay_ms: rules.replay(name).as_millis() as u64,
+            expiry_ms: saturating_ms(rules.expiry(name)),
+            replay_ms: saturating_ms(rules.replay(name)),
             replay_capacity,
             queue: VecDeque::new(),
             delivered: VecDeque::new(),
@@ -79,14 +85,14 @@ impl Channel {
     /// Drops expired pending messages and replay entries past their time.
     pub(crate) fn drop_expired(&mut self, now_ms: u64) {
         while let Some(front) = self.queue.front() {
-            if front.sent_at_ms + self.expiry_ms > now_ms {
+            if front.sent_at_ms.saturating_add(self.expiry_ms) > now_ms {
                 break;
             }
             self.lost_upto = self.lost_upto.max(front.id);
             self.queue.pop_front();
         }
         while let Some(front) = self.delivered.front() {
-            if front.sent_at_ms + self.replay_ms > now_ms {
+            if front.sent_at_ms.saturating_add(self.replay_ms) > now_ms {
                 break;
             }
             self.lost_upto = self.lost_upto.max(front.id);

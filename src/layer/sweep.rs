@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use super::groups::remove_member;
-use super::state::State;
+use super::state::{State, saturating_ms};
 use super::{ChannelLayer, Error, Inner, SweepReport};
 use crate::store::dump::DumpStats;
 use crate::store::{Store, WriteBatch};
@@ -18,7 +18,7 @@ impl ChannelLayer {
         let inner = &*self.inner;
         let now = inner.clock.now_ms();
         let memberships_lapsed = inner.sweep_memory(now)?;
-        let retention = inner.rules.max_retention().as_millis() as u64;
+        let retention = saturating_ms(inner.rules.max_retention());
         let messages_deleted = inner.sweep_disk(now.saturating_sub(retention))?;
         let disk_reclaimed = inner.reclaim_disk()?;
         Ok(SweepReport {
