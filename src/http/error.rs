@@ -107,10 +107,7 @@ const QUOTED_BYTES: usize = 64;
 /// `input` quoted for an error message: at most [`QUOTED_BYTES`] of it (cut at a
 /// character boundary), followed by `…` when cut.
 pub(crate) fn quoted(input: &str) -> String {
-    let mut end = input.len().min(QUOTED_BYTES);
-    while !input.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = input.floor_char_boundary(QUOTED_BYTES);
     let cut = if end < input.len() { "…" } else { "" };
     format!("{:?}{cut}", &input[..end])
 }
