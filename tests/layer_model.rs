@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use herald::layer::{Error, GroupSendReport};
-use layer_common::{TestLayer, msg, n_of};
+use layer_common::{TestLayer, members, msg, n_of};
 use proptest::prelude::*;
 
 const CHANNELS: [&str; 3] = ["a", "b", "c!x"];
@@ -158,6 +158,28 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
                 Op::Sweep => {
                     t.layer.sweep().unwrap();
+                    // Right after a sweep nothing expired or lapsed is left to count.
+                    let stats = t.layer.stats();
+                    let queues: Vec<usize> =
+                        CHANNELS.iter().map(|c| model.queue(c).len()).collect();
+                    let members: Vec<usize> =
+                        GROUPS.iter().map(|g| model.members(g).len()).collect();
+                    prop_assert_eq!(
+                        (stats.channels, stats.pending_messages),
+                        (
+                            queues.iter().filter(|n| **n > 0).count(),
+                            queues.iter().sum::<usize>()
+                        ),
+                        "stats of channels"
+                    );
+                    prop_assert_eq!(
+                        (stats.groups, stats.memberships),
+                        (
+                            members.iter().filter(|n| **n > 0).count(),
+                            members.iter().sum::<usize>()
+                        ),
+                        "stats of groups"
+                    );
                 }
                 Op::Restart => t = t.restart(),
             }
@@ -170,7 +192,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 );
             }
             for group in GROUPS {
-                let members = t.layer.group_members(group).unwrap();
+                let members = members(&t.layer, group);
                 let mut expected: Vec<String> =
                     model.members(group).iter().map(|c| c.to_string()).collect();
                 expected.sort();

@@ -4,9 +4,9 @@ mod layer_common;
 
 use std::time::Duration;
 
-use herald::layer::{Error, Gap, GroupSendReport};
+use herald::layer::{Error, Gap, GroupSendReport, PageRequest};
 use herald::message::Message;
-use layer_common::{TestLayer, msg, n_of, take};
+use layer_common::{ALL, TestLayer, members, msg, n_of, take};
 
 fn assert_invalid_name<T: std::fmt::Debug>(result: Result<T, Error>, expected: &str) {
     match result {
@@ -28,7 +28,7 @@ async fn every_operation_checks_names() {
     assert_invalid_name(l.group_add("g", "é").await, "channel name");
     assert_invalid_name(l.group_discard("g g", "c").await, "group name");
     assert_invalid_name(l.group_send(&"g".repeat(100), msg("t", 1)).await, "99");
-    assert_invalid_name(l.group_members("a/b"), "group name");
+    assert_invalid_name(l.group_members("a/b", ALL), "group name");
     assert_invalid_name(l.new_channel("a!"), "'!'");
     assert_invalid_name(l.new_channel(&"p".repeat(90)), "invalid name");
     // Accepted forms, including Django's process-local `!` channels.
@@ -204,7 +204,7 @@ async fn group_send_copies_to_every_member_and_counts_full_ones() {
         t.layer.group_add("g", channel).await.unwrap();
     }
     t.layer.group_add("g", "a").await.unwrap();
-    assert_eq!(t.layer.group_members("g").unwrap(), ["a", "b", "small"]);
+    assert_eq!(members(&t.layer, "g"), ["a", "b", "small"]);
     let report = t.layer.group_send("g", msg("t", 1)).await.unwrap();
     assert_eq!(
         report,
@@ -254,7 +254,7 @@ async fn discard_stops_new_copies_but_keeps_queued_ones_across_restart() {
         }
     );
     let t = t.restart();
-    assert_eq!(t.layer.group_members("g").unwrap(), ["b"]);
+    assert_eq!(members(&t.layer, "g"), ["b"]);
     assert_eq!(take(&t.layer, "a").await.unwrap().1, 1);
     assert_eq!(take(&t.layer, "a").await, None);
     assert_eq!(take(&t.layer, "b").await.unwrap().1, 1);
@@ -271,7 +271,7 @@ async fn memberships_lapse_after_group_expiry_and_refresh_on_add() {
     t.layer.group_add("g", "a").await.unwrap();
     t.advance(50);
     // b lapsed 100 s after its add; a was refreshed 50 s ago.
-    assert_eq!(t.layer.group_members("g").unwrap(), ["a"]);
+    assert_eq!(members(&t.layer, "g"), ["a"]);
     assert_eq!(
         t.layer.group_send("g", msg("t", 2)).await.unwrap(),
         GroupSendReport {
@@ -284,7 +284,7 @@ async fn memberships_lapse_after_group_expiry_and_refresh_on_add() {
     t.layer.group_add("g", "b").await.unwrap();
     t.layer.group_send("g", msg("t", 3)).await.unwrap();
     let t = t.restart();
-    assert_eq!(t.layer.group_members("g").unwrap(), ["a", "b"]);
+    assert_eq!(members(&t.layer, "g"), ["a", "b"]);
     let ns =
         |v: Vec<Option<(u64, i64)>>| v.into_iter().flatten().map(|(_, n)| n).collect::<Vec<_>>();
     // Message 1 (sent 110 s ago) has expired for both; 2 and 3 remain.
@@ -328,7 +328,7 @@ async fn restart_keeps_pending_messages_ids_and_memberships_but_not_received_one
     t.layer.group_add("g", "c").await.unwrap();
     assert_eq!(take(&t.layer, "c").await, Some((first, 1)));
     let t = t.restart();
-    assert_eq!(t.layer.group_members("g").unwrap(), ["c"]);
+    assert_eq!(members(&t.layer, "g"), ["c"]);
     assert_eq!(take(&t.layer, "c").await, Some((second, 2)));
     let third = t.layer.send("c", msg("t", 3)).await.unwrap();
     assert!(third > second);
@@ -358,10 +358,10 @@ async fn flush_deletes_everything_and_ids_keep_growing() {
     t.layer.group_add("g", "c").await.unwrap();
     t.layer.flush().await.unwrap();
     assert_eq!(take(&t.layer, "c").await, None);
-    assert!(t.layer.group_members("g").unwrap().is_empty());
+    assert!(members(&t.layer, "g").is_empty());
     let t = t.restart();
     assert_eq!(take(&t.layer, "c").await, None);
-    assert!(t.layer.groups().is_empty());
+    assert!(t.layer.groups(ALL).items.is_empty());
     assert!(t.layer.send("c", msg("t", 2)).await.unwrap() > id);
 }
 
@@ -373,13 +373,13 @@ async fn introspection_lists_channels_groups_and_totals() {
     t.layer.send("a", msg("t", 2)).await.unwrap();
     t.layer.group_add("g", "a").await.unwrap();
     t.layer.group_add("g", "z").await.unwrap();
-    let channels = t.layer.channels();
+    let channels = t.layer.channels(ALL).items;
     let summary: Vec<_> = channels
         .iter()
         .map(|c| (c.name.as_str(), c.pending))
         .collect();
     assert_eq!(summary, [("a", 2), ("b", 1)]);
-    let groups = t.layer.groups();
+    let groups = t.layer.groups(ALL).items;
     assert_eq!(groups.len(), 1);
     assert_eq!(groups[0].members, ["a", "z"]);
     let stats = t.layer.stats();
@@ -408,7 +408,7 @@ async fn the_sweep_removes_expired_messages_from_disk_once_per_send() {
     // One record for the group_send (whatever the member count) and one for the send.
     assert_eq!(t.layer.sweep().unwrap().messages_deleted, 2);
     assert_eq!(t.layer.sweep().unwrap().messages_deleted, 0);
-    assert!(t.layer.channels().is_empty());
+    assert!(t.layer.channels(ALL).items.is_empty());
     let t = t.restart();
     assert_eq!(take(&t.layer, "a").await, None);
 }
@@ -463,8 +463,8 @@ async fn closing_a_channel_leaves_its_groups_and_drops_what_it_held_for_good() {
     )
     .await
     .unwrap();
-    assert_eq!(l.group_members("a").unwrap(), vec!["other".to_string()]);
-    assert!(l.group_members("b").unwrap().is_empty());
+    assert_eq!(members(l, "a"), vec!["other".to_string()]);
+    assert!(members(l, "b").is_empty());
     assert_eq!(l.pending("conn"), 0);
     assert!(l.replay("conn", 0).unwrap().deliveries.is_empty());
     let report = l.group_send("a", msg("t", 4)).await.unwrap();
@@ -481,7 +481,7 @@ async fn closing_a_channel_leaves_its_groups_and_drops_what_it_held_for_good() {
 
     let t = t.restart();
     let l = &t.layer;
-    assert_eq!(l.group_members("a").unwrap(), vec!["other".to_string()]);
+    assert_eq!(members(l, "a"), vec!["other".to_string()]);
     assert_eq!(l.pending("conn"), 0, "nothing comes back after a restart");
     // (Messages sent straight to the channel are rebuilt into its replay log until
     // they age out: the records are shared, and such channels have random names.)
@@ -559,4 +559,78 @@ async fn the_longest_channel_expiry_keeps_messages_instead_of_overflowing() {
     let t = t.restart();
     let got = t.layer.receive("forever.c", Duration::ZERO).await.unwrap();
     assert_eq!(got.map(|d| n_of(&d.message)), Some(1));
+}
+
+#[tokio::test]
+async fn listings_come_in_pages_in_name_order() {
+    let t = TestLayer::new();
+    for n in 0..250 {
+        t.layer
+            .send(&format!("c{n:03}"), msg("t", n))
+            .await
+            .unwrap();
+    }
+    // A channel with nothing pending and nobody waiting is skipped.
+    assert!(take(&t.layer, "c007").await.is_some());
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = t.layer.channels(PageRequest {
+            after: after.as_deref(),
+            limit: 100,
+        });
+        assert!(page.items.len() <= 100);
+        seen.extend(page.items.into_iter().map(|c| c.name));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..250)
+        .filter(|n| *n != 7)
+        .map(|n| format!("c{n:03}"))
+        .collect();
+    assert_eq!(seen, expected);
+    let last = t.layer.channels(PageRequest {
+        after: Some("c199"),
+        limit: 100,
+    });
+    assert_eq!(last.items.len(), 50);
+    assert_eq!(last.next, None);
+
+    for channel in ["m3", "m1", "m2"] {
+        t.layer.group_add("g", channel).await.unwrap();
+        t.layer.group_add(channel, channel).await.unwrap();
+    }
+    let first = t
+        .layer
+        .group_members(
+            "g",
+            PageRequest {
+                after: None,
+                limit: 2,
+            },
+        )
+        .unwrap();
+    assert_eq!(first.items, ["m1", "m2"]);
+    assert_eq!(first.next.as_deref(), Some("m2"));
+    let rest = t
+        .layer
+        .group_members(
+            "g",
+            PageRequest {
+                after: Some("m2"),
+                limit: 2,
+            },
+        )
+        .unwrap();
+    assert_eq!((rest.items, rest.next), (vec!["m3".to_string()], None));
+    let groups = t.layer.groups(PageRequest {
+        after: Some("g"),
+        limit: 2,
+    });
+    let names: Vec<&str> = groups.items.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["m1", "m2"]);
+    assert_eq!(groups.next.as_deref(), Some("m2"));
+    assert_eq!(groups.items[0].members, ["m1"]);
 }

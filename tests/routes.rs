@@ -324,3 +324,68 @@ async fn refusals_quote_at_most_64_bytes_of_what_the_client_sent() {
         assert!(response.body().len() < 300, "{}", response.body().len());
     }
 }
+
+#[tokio::test]
+async fn listings_are_paged_with_limit_and_after() {
+    let (app, _dir) = app("").await;
+    for n in 0..5 {
+        let sent = request("POST", &format!("/v1/channels/c{n}/messages"))
+            .json(&json!({"type": "t"}))
+            .reply(&app)
+            .await;
+        assert_eq!(sent.status(), 202);
+        let added = request("PUT", &format!("/v1/groups/g{n}/channels/c{n}"))
+            .reply(&app)
+            .await;
+        assert_eq!(added.status(), 204);
+        let added = request("PUT", &format!("/v1/groups/all/channels/c{n}"))
+            .reply(&app)
+            .await;
+        assert_eq!(added.status(), 204);
+    }
+    let first = json_body(&request("GET", "/v1/channels?limit=2").reply(&app).await);
+    assert_eq!(first["channels"][0]["name"], "c0");
+    assert_eq!(first["channels"][0]["pending"], 1);
+    assert_eq!(first["channels"].as_array().unwrap().len(), 2);
+    assert_eq!(first["next"], "c1");
+    let last = json_body(
+        &request("GET", "/v1/channels?limit=2&after=c2")
+            .reply(&app)
+            .await,
+    );
+    assert_eq!(last["channels"].as_array().unwrap().len(), 2);
+    assert_eq!(last.get("next"), None, "{last}");
+    let default = json_body(&request("GET", "/v1/channels").reply(&app).await);
+    assert_eq!(default["channels"].as_array().unwrap().len(), 5);
+    assert_eq!(default.get("next"), None, "{default}");
+
+    let members = json_body(
+        &request("GET", "/v1/groups/all/channels?limit=3&after=c0")
+            .reply(&app)
+            .await,
+    );
+    assert_eq!(
+        members,
+        json!({"group": "all", "channels": ["c1", "c2", "c3"], "next": "c3"})
+    );
+    let groups = json_body(&request("GET", "/v1/groups?after=g3").reply(&app).await);
+    assert_eq!(
+        groups,
+        json!({"groups": [{"name": "g4", "members": ["c4"]}]})
+    );
+    let cut = json_body(&request("GET", "/v1/groups?limit=5000").reply(&app).await);
+    assert_eq!(
+        cut["groups"].as_array().unwrap().len(),
+        6,
+        "a limit past 1000 is cut"
+    );
+
+    for bad in ["0", "-1", "many", "1.5"] {
+        for path in ["/v1/channels", "/v1/groups", "/v1/groups/all/channels"] {
+            let refused = request("GET", &format!("{path}?limit={bad}"))
+                .reply(&app)
+                .await;
+            assert_refused(&refused, 400, "invalid_parameter");
+        }
+    }
+}

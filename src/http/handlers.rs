@@ -16,6 +16,7 @@ use super::error::{ApiError, ErrorKind, quoted};
 use super::reply::{ChannelReply, Format, GroupSent, Id, empty, respond};
 use super::{Api, MessageBody, Query};
 use crate::auth::{Need, Target};
+use crate::layer::{GroupInfo, PageRequest};
 
 /// POST /v1/channels/{channel}/messages
 pub async fn send(
@@ -126,24 +127,73 @@ pub async fn new_channel(
     ))
 }
 
-/// GET /v1/channels: channels with pending messages or waiting receivers.
+/// GET /v1/channels[?limit=N&after=NAME]: a page of the channels with pending messages
+/// or waiting receivers.
 pub(crate) async fn list_channels(
     format: Format,
+    query: Query,
     credentials: Credentials,
     api: Api,
 ) -> Result<Response, Rejection> {
     api.authorize(&credentials, &[Need::Admin])?;
-    Ok(admin_read(format, "channels", api.layer.channels()))
+    let page = api.layer.channels(page_request(&query)?);
+    Ok(respond(
+        format,
+        StatusCode::OK,
+        &ChannelPage {
+            group: None,
+            channels: &page.items,
+            next: page.next.as_deref(),
+        },
+    ))
 }
 
-/// GET /v1/groups: groups with their current members.
+/// GET /v1/groups[?limit=N&after=NAME]: a page of the groups, with their current members.
 pub(crate) async fn list_groups(
     format: Format,
+    query: Query,
     credentials: Credentials,
     api: Api,
 ) -> Result<Response, Rejection> {
     api.authorize(&credentials, &[Need::Admin])?;
-    Ok(admin_read(format, "groups", api.layer.groups()))
+    let page = api.layer.groups(page_request(&query)?);
+    Ok(respond(
+        format,
+        StatusCode::OK,
+        &GroupPage {
+            groups: &page.items,
+            next: page.next.as_deref(),
+        },
+    ))
+}
+
+/// Entries a listing page holds when `limit` is not given.
+const DEFAULT_PAGE: usize = 100;
+
+/// The most entries of a listing page; a larger `limit` is cut to it.
+const MAX_PAGE: usize = 1000;
+
+/// The page a listing asks for with `limit` (a whole number from 1) and `after`.
+fn page_request(query: &Query) -> Result<PageRequest<'_>, ApiError> {
+    let limit = match query.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(raw) => raw
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::InvalidParameter,
+                    format!("limit must be a whole number from 1, not {}", quoted(raw)),
+                )
+            })?
+            .min(MAX_PAGE as u64) as usize,
+    };
+    Ok(PageRequest {
+        after: query.get("after"),
+        limit,
+    })
 }
 
 /// GET /v1/stats: totals.
@@ -173,11 +223,23 @@ pub fn membership(group: &str, channel: &str) -> [Need; 2] {
     ]
 }
 
-/// A group's members.
+/// A page of channels (of a group's members when `group` is set); `next`, absent on the
+/// last page, is the next page's `after`.
 #[derive(Serialize)]
-struct Members<'a> {
-    group: &'a str,
-    channels: Vec<String>,
+struct ChannelPage<'a, T> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<&'a str>,
+    channels: &'a [T],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<&'a str>,
+}
+
+/// A page of groups, as [`ChannelPage`].
+#[derive(Serialize)]
+struct GroupPage<'a> {
+    groups: &'a [GroupInfo],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<&'a str>,
 }
 
 /// PUT /v1/groups/{group}/channels/{channel}
@@ -212,21 +274,26 @@ pub async fn group_discard(
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
-/// GET /v1/groups/{group}/channels
+/// GET /v1/groups/{group}/channels[?limit=N&after=NAME]: a page of the group's members.
 pub async fn members(
     group: String,
     format: Format,
+    query: Query,
     credentials: Credentials,
     api: Api,
 ) -> Result<Response, Rejection> {
     api.authorize(&credentials, &[Need::Admin])?;
-    let channels = api.layer.group_members(&group).map_err(ApiError::from)?;
+    let page = api
+        .layer
+        .group_members(&group, page_request(&query)?)
+        .map_err(ApiError::from)?;
     Ok(respond(
         format,
         StatusCode::OK,
-        &Members {
-            group: &group,
-            channels,
+        &ChannelPage {
+            group: Some(&group),
+            channels: &page.items,
+            next: page.next.as_deref(),
         },
     ))
 }

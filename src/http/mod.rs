@@ -271,6 +271,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
     let list_channels = warp::path::end()
         .and(warp::get())
         .and(format())
+        .and(query())
         .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::list_channels);
@@ -288,12 +289,14 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .map(segment)
         .and(warp::get())
         .and(format())
+        .and(query())
         .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::members);
     let list_groups = warp::path::end()
         .and(warp::get())
         .and(format())
+        .and(query())
         .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::list_groups);

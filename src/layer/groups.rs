@@ -1,7 +1,7 @@
 //! Group membership: group_add, group_discard, close_channel, and the pins that keep
 //! a group's messages with a channel once its membership ends.
 
-use super::state::{Membership, State};
+use super::state::{Members, Membership, State};
 use super::{ChannelLayer, Error, Inner};
 use crate::names;
 use crate::store::WriteBatch;
@@ -38,11 +38,7 @@ impl ChannelLayer {
             };
             batch.put_membership(group, channel, membership.joined_id, membership.last_add_ms);
             let ticket = inner.store.apply(batch)?;
-            state
-                .groups
-                .entry(group.to_string())
-                .or_default()
-                .insert(channel.to_string(), membership);
+            inner.add_member(&mut state, group, channel, membership);
             ticket
         };
         inner.store.commit(ticket).await?;
@@ -145,6 +141,26 @@ impl Inner {
         for entry in ch.queue.iter().chain(ch.delivered.iter()) {
             if entry.group.as_deref() == Some(group) {
                 batch.pin(entry.id, channel);
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Sets `channel`'s membership of `group`.
+    pub(super) fn add_member(
+        &self,
+        state: &mut State,
+        group: &str,
+        channel: &str,
+        membership: Membership,
+    ) {
+        match state.groups.get_mut(group) {
+            Some(members) => members.insert(channel, membership),
+            None => {
+                let mut members = Members::new(&self.tally);
+                members.insert(channel, membership);
+                state.groups.insert(group.to_string(), members);
             }
         }
     }

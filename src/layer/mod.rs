@@ -42,9 +42,9 @@ use crate::names::NameError;
 use crate::store::record::Record;
 use crate::store::{OnDataLoss, Store, StoreError};
 use clock::Clock;
-use state::{Channel, Entry, State};
+use state::{Channel, Channels, Entry, State, Tally};
 
-pub use introspect::{ChannelInfo, GroupInfo, Stats};
+pub use introspect::{ChannelInfo, GroupInfo, Page, PageRequest, Stats};
 pub use receive::{Receiver, Revoker};
 
 /// Why a layer operation failed.
@@ -133,6 +133,8 @@ struct Inner {
     replay_capacity: usize,
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
+    /// Totals of what `state` holds, readable without its lock.
+    tally: Arc<Tally>,
     next_waiter: AtomicU64,
     /// Bytes of the message records on disk ([`Record::stored_len`]), for the bound
     /// [`Store::is_bloated`] keeps the data directory within.
@@ -170,6 +172,7 @@ impl ChannelLayer {
             replay_capacity: layer.replay_capacity,
             clock,
             state: Mutex::new(State::default()),
+            tally: Arc::default(),
             next_waiter: AtomicU64::new(1),
             stored_bytes: AtomicU64::new(0),
             reclaiming: AtomicBool::new(true),
@@ -194,13 +197,15 @@ impl ChannelLayer {
 
 impl Inner {
     /// The channel's state, created on first use with its configured limits.
-    fn channel<'a>(
-        &self,
-        channels: &'a mut hashbrown::HashMap<String, Channel>,
-        name: &str,
-    ) -> &'a mut Channel {
-        channels.entry_ref(name).or_insert_with(|| {
-            Channel::new(name, &self.rules, self.replay_capacity, self.lost_floor())
+    fn channel<'a>(&self, channels: &'a mut Channels, name: &str) -> &'a mut Channel {
+        channels.get_or_insert_with(name, || {
+            Channel::new(
+                name,
+                &self.rules,
+                self.replay_capacity,
+                self.lost_floor(),
+                &self.tally,
+            )
         })
     }
 

@@ -28,8 +28,10 @@ impl Inner {
                     joined_id,
                     last_add_ms,
                 } => {
-                    state.groups.entry(group).or_default().insert(
-                        channel,
+                    self.add_member(
+                        &mut state,
+                        &group,
+                        &channel,
                         Membership {
                             joined_id,
                             last_add_ms,

@@ -2,13 +2,14 @@
 //! receivers, and group memberships. It is rebuilt from the store at start and changed
 //! only under the layer's lock, in the same order as the store's writes.
 
-use std::collections::VecDeque;
-
-use hashbrown::HashMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::{Bound, ControlFlow, Deref};
 use std::sync::Arc;
-
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Waker;
 use std::time::Duration;
+
+use hashbrown::HashMap;
 
 use crate::config::ChannelRules;
 use crate::message::Message;
@@ -36,7 +37,7 @@ pub(super) struct Channel {
     pub replay_ms: u64,
     pub replay_capacity: usize,
     /// Pending messages, oldest first (ids and send times both ascend).
-    pub queue: VecDeque<Entry>,
+    pub queue: Queue,
     /// Delivered messages kept for replay, oldest first.
     pub delivered: VecDeque<Entry>,
     /// Receivers waiting, longest-waiting first.
@@ -65,13 +66,22 @@ pub(crate) fn saturating_ms(duration: Duration) -> u64 {
 }
 
 impl Channel {
-    pub fn new(name: &str, rules: &ChannelRules, replay_capacity: usize, lost_upto: u64) -> Self {
+    pub fn new(
+        name: &str,
+        rules: &ChannelRules,
+        replay_capacity: usize,
+        lost_upto: u64,
+        tally: &Arc<Tally>,
+    ) -> Self {
         Channel {
             capacity: rules.capacity(name),
             expiry_ms: saturating_ms(rules.expiry(name)),
             replay_ms: saturating_ms(rules.replay(name)),
             replay_capacity,
-            queue: VecDeque::new(),
+            queue: Queue {
+                entries: VecDeque::new(),
+                tally: tally.clone(),
+            },
             delivered: VecDeque::new(),
             waiters: VecDeque::new(),
             woken: Vec::new(),
@@ -178,8 +188,215 @@ impl Channel {
     }
 }
 
-/// A group's members, by channel name.
-pub(super) type Members = HashMap<String, Membership>;
+/// Totals kept as the layer changes, so that stats cost nothing to read.
+#[derive(Debug, Default)]
+pub(super) struct Tally {
+    /// Messages in all queues (expired ones until they are dropped, at the latest by
+    /// the next sweep).
+    pub pending: AtomicUsize,
+    /// Channels whose queue holds at least one message.
+    pub busy_channels: AtomicUsize,
+    /// Memberships in all groups (lapsed ones until the next sweep ends them).
+    pub memberships: AtomicUsize,
+}
+
+impl Tally {
+    fn add(counter: &AtomicUsize, n: usize) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(counter: &AtomicUsize, n: usize) {
+        counter.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// A channel's pending messages, counted in the layer's [`Tally`] as they come and go.
+pub(super) struct Queue {
+    entries: VecDeque<Entry>,
+    tally: Arc<Tally>,
+}
+
+impl Queue {
+    pub(crate) fn push_back(&mut self, entry: Entry) {
+        if self.entries.is_empty() {
+            Tally::add(&self.tally.busy_channels, 1);
+        }
+        Tally::add(&self.tally.pending, 1);
+        self.entries.push_back(entry);
+    }
+
+    pub(crate) fn pop_front(&mut self) -> Option<Entry> {
+        let entry = self.entries.pop_front()?;
+        Tally::sub(&self.tally.pending, 1);
+        if self.entries.is_empty() {
+            Tally::sub(&self.tally.busy_channels, 1);
+        }
+        Some(entry)
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.uncount();
+        self.entries.clear();
+    }
+
+    fn uncount(&self) {
+        if !self.entries.is_empty() {
+            Tally::sub(&self.tally.pending, self.entries.len());
+            Tally::sub(&self.tally.busy_channels, 1);
+        }
+    }
+}
+
+impl Deref for Queue {
+    type Target = VecDeque<Entry>;
+
+    fn deref(&self) -> &VecDeque<Entry> {
+        &self.entries
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.uncount();
+    }
+}
+
+/// The channel states, by name, with the names also kept in order for paged listings
+/// (the map itself is a hash map: a group_send looks up every member).
+#[derive(Default)]
+pub(super) struct Channels {
+    map: HashMap<String, Channel>,
+    names: BTreeSet<String>,
+}
+
+impl Channels {
+    /// The state of `name`, made with `make` if there is none.
+    pub(crate) fn get_or_insert_with(
+        &mut self,
+        name: &str,
+        make: impl FnOnce() -> Channel,
+    ) -> &mut Channel {
+        let names = &mut self.names;
+        self.map.entry_ref(name).or_insert_with(|| {
+            names.insert(name.to_string());
+            make()
+        })
+    }
+
+    pub(crate) fn get_mut(&mut self, name: &str) -> Option<&mut Channel> {
+        self.map.get_mut(name)
+    }
+
+    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut Channel> {
+        self.map.values_mut()
+    }
+
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&String, &mut Channel)> {
+        self.map.iter_mut()
+    }
+
+    /// Keeps the channels for which `keep` says so.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Channel) -> bool) {
+        let names = &mut self.names;
+        self.map.retain(|name, ch| {
+            let kept = keep(ch);
+            if !kept {
+                names.remove(name);
+            }
+            kept
+        });
+    }
+
+    /// Visits the channels after `after` (from the first when `None`) in name order,
+    /// until `visit` breaks.
+    pub(crate) fn visit_after(
+        &mut self,
+        after: Option<&str>,
+        mut visit: impl FnMut(&str, &mut Channel) -> ControlFlow<()>,
+    ) {
+        let bound = after.map_or(Bound::Unbounded, Bound::Excluded);
+        for name in self.names.range::<str, _>((bound, Bound::Unbounded)) {
+            let Some(ch) = self.map.get_mut(name.as_str()) else {
+                continue;
+            };
+            if visit(name, ch).is_break() {
+                return;
+            }
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Channels {
+    type Item = (&'a String, &'a Channel);
+    type IntoIter = hashbrown::hash_map::Iter<'a, String, Channel>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.map.iter()
+    }
+}
+
+impl Deref for Channels {
+    type Target = HashMap<String, Channel>;
+
+    fn deref(&self) -> &HashMap<String, Channel> {
+        &self.map
+    }
+}
+
+/// A group's members, by channel name, counted in the layer's [`Tally`].
+pub(super) struct Members {
+    map: BTreeMap<String, Membership>,
+    tally: Arc<Tally>,
+}
+
+impl Members {
+    pub(crate) fn new(tally: &Arc<Tally>) -> Self {
+        Members {
+            map: BTreeMap::new(),
+            tally: tally.clone(),
+        }
+    }
+
+    /// Sets `channel`'s membership.
+    pub(crate) fn insert(&mut self, channel: &str, membership: Membership) {
+        match self.map.get_mut(channel) {
+            Some(held) => *held = membership,
+            None => {
+                self.map.insert(channel.to_string(), membership);
+                Tally::add(&self.tally.memberships, 1);
+            }
+        }
+    }
+
+    pub(crate) fn remove(&mut self, channel: &str) {
+        if self.map.remove(channel).is_some() {
+            Tally::sub(&self.tally.memberships, 1);
+        }
+    }
+}
+
+impl Deref for Members {
+    type Target = BTreeMap<String, Membership>;
+
+    fn deref(&self) -> &BTreeMap<String, Membership> {
+        &self.map
+    }
+}
+
+impl<'a> IntoIterator for &'a Members {
+    type Item = (&'a String, &'a Membership);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, Membership>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.map.iter()
+    }
+}
+
+impl Drop for Members {
+    fn drop(&mut self) {
+        Tally::sub(&self.tally.memberships, self.map.len());
+    }
+}
 
 /// A channel's membership in a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,13 +413,14 @@ impl Membership {
     }
 }
 
-/// Everything the layer holds in memory. The maps are hashbrown's, hashing with foldhash:
-/// a group_send looks up every member's channel, SipHash was a visible part of its
-/// cost, and `entry_ref` finds or creates a channel with one lookup.
+/// Everything the layer holds in memory. The channel map is hashbrown's, hashing with
+/// foldhash: a group_send looks up every member's channel, SipHash was a visible part
+/// of its cost, and `entry_ref` finds or creates a channel with one lookup. Groups and
+/// their members are kept in name order, for paged listings.
 #[derive(Default)]
 pub(super) struct State {
-    pub channels: HashMap<String, Channel>,
-    pub groups: HashMap<String, Members>,
+    pub channels: Channels,
+    pub groups: BTreeMap<String, Members>,
     /// Send times never go backwards, so ids and send times ascend together.
     pub last_sent_at_ms: u64,
 }

@@ -121,7 +121,7 @@ impl Inner {
     /// Forgets the states of idle channels (see [`Channel::is_idle`]).
     pub(super) fn forget_idle(&self, state: &mut State) {
         let floor = self.lost_floor();
-        state.channels.retain(|_, ch| !ch.is_idle(floor));
+        state.channels.retain(|ch| !ch.is_idle(floor));
     }
 
     /// Writes receive cursors. `all`: every cursor as it is now (shutdown). Otherwise

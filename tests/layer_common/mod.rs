@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use herald::ChannelLayer;
 use herald::config::Settings;
+use herald::layer::PageRequest;
 use herald::layer::clock::ManualClock;
 use herald::message::Message;
 use tempfile::TempDir;
@@ -87,4 +88,17 @@ pub async fn take(layer: &ChannelLayer, channel: &str) -> Option<(u64, i64)> {
         .await
         .unwrap()
         .map(|d| (d.id, n_of(&d.message)))
+}
+
+/// The first page of every listing, long enough for any test.
+pub const ALL: PageRequest<'static> = PageRequest {
+    after: None,
+    limit: 1000,
+};
+
+/// The current members of `group`, by name.
+pub fn members(layer: &ChannelLayer, group: &str) -> Vec<String> {
+    let page = layer.group_members(group, ALL).unwrap();
+    assert_eq!(page.next, None, "one page holds them");
+    page.items
 }
