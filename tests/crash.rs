@@ -440,16 +440,10 @@ async fn drain(server: &Server, clients: &Clients, final_cycle: usize) -> HashSe
             delivered(&clients.rec, channel, &body["message"], final_cycle);
         }
     }
-    let r = http
-        .get(server.url(&format!("/v1/groups/{ADDS_GROUP}/channels")))
-        .send()
+    common::Api::new(server)
+        .members(ADDS_GROUP)
         .await
-        .unwrap();
-    r.json::<Json>().await.unwrap()["channels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap().to_string())
+        .into_iter()
         .collect()
 }
 

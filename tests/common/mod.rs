@@ -451,22 +451,33 @@ impl Api {
         );
     }
 
-    /// The members of `group`, as listed by the server.
+    /// The members of `group`, as listed by the server, following `next` page by page.
     pub async fn members(&self, group: &str) -> Vec<String> {
-        let response = fetch(
-            self.http
-                .get(self.url(&format!("/v1/groups/{group}/channels"))),
-        )
-        .await;
-        let (status, json) = json_of(response).await;
-        assert_eq!(status, 200, "members of {group}: {json}");
-        assert_eq!(json["group"], group);
-        json["channels"]
-            .as_array()
-            .expect("channels is a list")
-            .iter()
-            .map(|c| c.as_str().expect("channel names are strings").to_string())
-            .collect()
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut request = self
+                .http
+                .get(self.url(&format!("/v1/groups/{group}/channels")))
+                .query(&[("limit", "1000")]);
+            if let Some(after) = &after {
+                request = request.query(&[("after", after)]);
+            }
+            let (status, json) = json_of(fetch(request).await).await;
+            assert_eq!(status, 200, "members of {group}: {json}");
+            assert_eq!(json["group"], group);
+            out.extend(
+                json["channels"]
+                    .as_array()
+                    .expect("channels is a list")
+                    .iter()
+                    .map(|c| c.as_str().expect("channel names are strings").to_string()),
+            );
+            match json["next"].as_str() {
+                Some(next) => after = Some(next.to_string()),
+                None => return out,
+            }
+        }
     }
 
     /// group_send; returns (delivered, full).
