@@ -36,7 +36,7 @@ fn open_in(dir: &std::path::Path, capacity: usize) -> ChannelLayer {
     let mut settings = Settings::load(None).unwrap();
     settings.storage.data_dir = dir.to_path_buf();
     settings.layer.capacity = capacity;
-    ChannelLayer::open(&settings.layer, &settings.storage, Arc::new(SystemClock)).unwrap()
+    ChannelLayer::open(&settings, Arc::new(SystemClock)).unwrap()
 }
 
 fn runtime() -> Runtime {

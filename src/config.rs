@@ -35,6 +35,8 @@ pub struct Settings {
     pub storage: StorageSettings,
     /// `[layer]`: message expiry, channel capacity, size limits and replay.
     pub layer: LayerSettings,
+    /// `[limits]`: what one client may take, and how much the layer may hold.
+    pub limits: LimitsSettings,
     /// `[auth]`: who may do what (tokens, JWT keys, the access of requests without a token).
     #[serde(default)]
     pub auth: AuthSettings,
@@ -59,6 +61,10 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// Most seconds the server takes to exit after SIGINT/SIGTERM.
     pub shutdown_timeout_secs: u64,
+    /// Seconds a connection may stay open between requests before it is closed.
+    pub idle_timeout_secs: u64,
+    /// Seconds a request's head and body have to arrive; past it: 408 and close.
+    pub request_timeout_secs: u64,
     /// Origins allowed by CORS (`https://...` origins or `"*"`); empty disables CORS.
     pub cors_origins: Vec<String>,
     /// `"type"` given to a published map that has none; empty refuses such messages
@@ -225,6 +231,29 @@ pub struct LayerSettings {
     pub channel_expiry: IndexMap<String, u64>,
 }
 
+/// `[limits]`: bounds on what one client may take and on what the layer holds. Past
+/// each, requests are refused with 429 and nothing changes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Most open connections of one client (a token's name, or an address: IPv6 by /64).
+    pub max_connections_per_client: usize,
+    /// Publishes per second one client may make on average; 0: no limit.
+    pub publish_rate_per_sec: u32,
+    /// Publishes one client may make at once above the rate; 0: as many as the rate.
+    pub publish_burst: u32,
+    /// Most bytes queued for a WebSocket client that does not read, before it is closed.
+    pub max_write_buffer_bytes: usize,
+    /// Most channels held at once; a send to a new channel past it is refused.
+    pub max_channels: usize,
+    /// Most group memberships, in all groups together.
+    pub max_memberships: usize,
+    /// Most subscriptions one WebSocket connection may hold.
+    pub max_subscriptions_per_connection: usize,
+    /// Most groups one `GET /v1/events` stream may follow.
+    pub max_groups_per_stream: usize,
+}
+
 /// The environment variables that name a setting, `HERALD_<SECTION>__<KEY>`. Others
 /// with the prefix (`HERALD_BIN`, `HERALD_ARGS` of scripts) are not settings and must not
 /// stop the server from starting.
@@ -270,6 +299,29 @@ impl Settings {
             ("server.keepalive_secs", self.server.keepalive_secs),
             ("server.slow_consumer_secs", self.server.slow_consumer_secs),
             ("server.max_connections", self.server.max_connections as u64),
+            ("server.idle_timeout_secs", self.server.idle_timeout_secs),
+            (
+                "server.request_timeout_secs",
+                self.server.request_timeout_secs,
+            ),
+            (
+                "limits.max_connections_per_client",
+                self.limits.max_connections_per_client as u64,
+            ),
+            (
+                "limits.max_write_buffer_bytes",
+                self.limits.max_write_buffer_bytes as u64,
+            ),
+            ("limits.max_channels", self.limits.max_channels as u64),
+            ("limits.max_memberships", self.limits.max_memberships as u64),
+            (
+                "limits.max_subscriptions_per_connection",
+                self.limits.max_subscriptions_per_connection as u64,
+            ),
+            (
+                "limits.max_groups_per_stream",
+                self.limits.max_groups_per_stream as u64,
+            ),
             ("storage.flush_interval_ms", self.storage.flush_interval_ms),
             ("storage.sweep_interval_ms", self.storage.sweep_interval_ms),
             ("layer.expiry_secs", self.layer.expiry_secs),
@@ -300,10 +352,28 @@ impl Settings {
                 "1048576",
             ),
             (
+                "limits.max_write_buffer_bytes",
+                self.limits.max_write_buffer_bytes as u64,
+                1 << 30,
+                "1 GiB",
+            ),
+            (
                 "server.max_wait_secs",
                 self.server.max_wait_secs,
                 86_400,
                 "86400 (a day)",
+            ),
+            (
+                "server.idle_timeout_secs",
+                self.server.idle_timeout_secs,
+                86_400,
+                "86400 (a day)",
+            ),
+            (
+                "server.request_timeout_secs",
+                self.server.request_timeout_secs,
+                3_600,
+                "3600 (an hour)",
             ),
             (
                 "layer.expiry_secs",

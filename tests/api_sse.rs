@@ -651,12 +651,25 @@ async fn at_max_connections_stream_requests_get_a_retry_hint_and_an_immediate_cl
         );
     }
     assert_error(api.send_raw("x", &msg(1)).await, 503, "unavailable").await;
+    // Every open connection holds a slot: the holder's goes back when it closes.
+    holder.close();
+    within(T, "the holder's slot to be freed", async {
+        while api
+            .http
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .map_or(true, |r| r.status() != 200)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     assert_eq!(
         api.members("g").await,
         Vec::<String>::new(),
         "refused streams join nothing"
     );
-    holder.close();
 }
 
 /// Sends `parts` on one fresh connection, pausing between them, and returns the stream.
@@ -822,7 +835,7 @@ async fn a_refused_stream_on_its_own_connection_gets_a_json_error_with_its_lengt
 #[tokio::test]
 async fn a_client_that_stops_reading_is_disconnected_and_frees_its_slot() {
     let server = Server::start_with(
-        "[server]\nslow_consumer_secs = 1\nmax_connections = 2\n\
+        "[server]\nslow_consumer_secs = 1\nmax_connections = 3\n\
          [storage]\ndurability = \"interval\"\n[layer]\ncapacity = 1000\n",
     )
     .await;
@@ -838,7 +851,8 @@ async fn a_client_that_stops_reading_is_disconnected_and_frees_its_slot() {
         api.send("stuck", &json!({"type": "big", "n": n, "pad": pad}))
             .await;
     }
-    // The other slot, held: the stalled stream holds the last one until it is closed.
+    // The third slot, held (the second is the sender's keep-alive connection): the
+    // stalled stream holds the last one until it is closed.
     let mut holder = Sse::open(&api.http, &events_url(&server, "held"), &[]).await;
     // Within 4 × slow_consumer_secs of stalling, the connection is closed and its slot
     // is free.
@@ -847,8 +861,8 @@ async fn a_client_that_stops_reading_is_disconnected_and_frees_its_slot() {
         "the stalled stream's slot to be freed",
         async {
             loop {
-                let response = api
-                    .http
+                // A new connection each time, which needs a free slot.
+                let response = client()
                     .get(api.url("/v1/channels/x/messages"))
                     .send()
                     .await;

@@ -22,13 +22,7 @@ async fn app(config: &str) -> (BoxedFilter<(Reply,)>, TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let settings = settings(dir.path(), config);
     let layer = herald::server::open_layer(&settings).await.unwrap();
-    let api = Api::new(
-        layer,
-        settings.server.clone(),
-        &settings.auth,
-        CancellationToken::new(),
-    )
-    .unwrap();
+    let api = Api::new(layer, &settings, CancellationToken::new()).unwrap();
     (routes(api).boxed(), dir)
 }
 

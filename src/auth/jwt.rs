@@ -138,7 +138,7 @@ impl Verifier {
             admin: claims.herald.admin,
         };
         Some(Principal {
-            name: format!("jwt sub={}", claims.sub.as_deref().unwrap_or("-")),
+            name: format!("jwt sub={}", claims.sub.as_deref().unwrap_or("-")).into(),
             grant,
             expires: Some(UNIX_EPOCH + Duration::from_secs(claims.exp)),
         })
@@ -237,7 +237,7 @@ mod tests {
                 .subscribe
                 .covers(&Target::Channel("user.42".into()))
         );
-        assert_eq!(principal.name, "jwt sub=u42");
+        assert_eq!(&*principal.name, "jwt sub=u42");
         assert_eq!(verifier.cache.lock().len(), 1);
         assert!(Arc::ptr_eq(&principal, &verifier.verify(&token).unwrap()));
 

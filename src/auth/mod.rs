@@ -75,8 +75,8 @@ impl Grant {
 /// Who a valid token stands for.
 #[derive(Debug)]
 pub(crate) struct Principal {
-    /// The token's name, or the JWT's subject, for the log.
-    name: String,
+    /// The token's name, or the JWT's subject: for the log and the per-client limits.
+    name: Arc<str>,
     grant: Grant,
     /// When the token stops being valid.
     expires: Option<SystemTime>,
@@ -149,7 +149,7 @@ impl Policy {
                 admin: t.admin,
             };
             let principal = Principal {
-                name: t.name.clone(),
+                name: t.name.as_str().into(),
                 grant,
                 expires,
             };
@@ -290,6 +290,11 @@ impl Access {
             }
         }
         Ok(())
+    }
+
+    /// The token's name (`None`: no token), whom per-client limits count against.
+    pub(crate) fn name(&self) -> Option<&Arc<str>> {
+        self.principal.as_ref().map(|p| &p.name)
     }
 
     /// When the token expires (`None`: no token, or one without expiry).

@@ -95,7 +95,7 @@ mod tests {
         let digest = parse_hash(&hash).expect("a valid hash");
         let mut tokens = Tokens::default();
         tokens.insert(digest, Arc::new(Principal::test("t")));
-        assert_eq!(tokens.find(&token).map(|p| p.name.as_str()), Some("t"));
+        assert_eq!(tokens.find(&token).map(|p| &*p.name), Some("t"));
         assert!(tokens.find("hrld_other").is_none());
     }
 

@@ -26,6 +26,8 @@ pub(crate) enum ErrorKind {
     InvalidBody,
     /// 400 `invalid_parameter`: a bad query parameter, header or WebSocket request field.
     InvalidParameter,
+    /// 400 `invalid_last_event_id`: a resume id above every id the server has assigned.
+    InvalidLastEventId,
     /// 401 `unauthorized`: no token where one is needed, or one that is unknown,
     /// malformed, expired or badly signed; sent with `WWW-Authenticate`.
     Unauthorized,
@@ -40,6 +42,14 @@ pub(crate) enum ErrorKind {
     MessageTooLarge,
     /// 429 `channel_full`: the channel already holds its capacity; sent with `Retry-After: 1`.
     ChannelFull,
+    /// 429 `limit_reached`: the layer holds as much as a `[limits]` key allows, or a
+    /// connection or stream asks for more than one may hold.
+    LimitReached,
+    /// 429 `rate_limited`: the client is over its publish rate or connection count; sent
+    /// with `Retry-After`.
+    RateLimited,
+    /// 408 `request_timeout`: the request's head or body did not arrive in time.
+    RequestTimeout,
     /// 503 `unavailable`: shutting down, at the connection limit, or storage failing.
     Unavailable,
     /// 507 `storage_full`: the disk is full (or over quota), or the data directory is at
@@ -57,12 +67,16 @@ impl ErrorKind {
             ErrorKind::InvalidMessage => "invalid_message",
             ErrorKind::InvalidBody => "invalid_body",
             ErrorKind::InvalidParameter => "invalid_parameter",
+            ErrorKind::InvalidLastEventId => "invalid_last_event_id",
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::Forbidden => "forbidden",
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::MessageTooLarge => "message_too_large",
             ErrorKind::ChannelFull => "channel_full",
+            ErrorKind::LimitReached => "limit_reached",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::StorageFull => "storage_full",
             ErrorKind::Internal => "internal",
@@ -75,13 +89,17 @@ impl ErrorKind {
             ErrorKind::InvalidName
             | ErrorKind::InvalidMessage
             | ErrorKind::InvalidBody
-            | ErrorKind::InvalidParameter => StatusCode::BAD_REQUEST,
+            | ErrorKind::InvalidParameter
+            | ErrorKind::InvalidLastEventId => StatusCode::BAD_REQUEST,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::ChannelFull => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::ChannelFull | ErrorKind::LimitReached | ErrorKind::RateLimited => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -90,12 +108,14 @@ impl ErrorKind {
 }
 
 /// An error answer: a kind and a message for a person, free of internals.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct ApiError {
     /// What failed; picks the `code` and the HTTP status.
     pub kind: ErrorKind,
     /// A human-readable explanation, sent as `message`.
     pub message: String,
+    /// Seconds a client should wait before trying again, sent as `Retry-After`.
+    pub retry_after: Option<u64>,
 }
 
 impl warp::reject::Reject for ApiError {}
@@ -128,10 +148,18 @@ struct ErrorReply<'a> {
 impl ApiError {
     /// An error of `kind` with `message` for the client.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        let retry_after = (kind == ErrorKind::ChannelFull).then_some(1);
         ApiError {
             kind,
             message: message.into(),
+            retry_after,
         }
+    }
+
+    /// The same error, telling the client to wait `secs` before trying again.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     /// The `{"code": ..., "message": ...}` document.
@@ -149,10 +177,10 @@ impl ApiError {
             self.kind.status(),
             &ErrorReply { error: self.doc() },
         );
-        if self.kind == ErrorKind::ChannelFull {
+        if let Some(secs) = self.retry_after {
             response
                 .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         if self.kind == ErrorKind::Unauthorized {
             response.headers_mut().insert(
@@ -160,7 +188,10 @@ impl ApiError {
                 HeaderValue::from_static("Bearer realm=\"herald\""),
             );
         }
-        if self.kind == ErrorKind::MessageTooLarge {
+        if matches!(
+            self.kind,
+            ErrorKind::MessageTooLarge | ErrorKind::RequestTimeout
+        ) {
             // The body may be left unread, and then the connection cannot serve another
             // request: say so, or keep-alive clients reuse it and their next request fails.
             response
@@ -180,6 +211,7 @@ impl From<layer::Error> for ApiError {
             E::InvalidMessage(MessageError::Invalid(_)) => ErrorKind::InvalidMessage,
             E::MessageTooLarge { .. } => ErrorKind::MessageTooLarge,
             E::ChannelFull { .. } => ErrorKind::ChannelFull,
+            E::LimitReached { .. } => ErrorKind::LimitReached,
             E::Storage(StoreError::Full | StoreError::DiskLimit { .. }) => ErrorKind::StorageFull,
             E::Storage(_) | E::Config(_) => {
                 tracing::error!(error = %e, "storage failure while serving a request");
@@ -217,7 +249,7 @@ impl From<MessageError> for ApiError {
 /// Turns every rejection, ours or warp's, into a status and a JSON error body.
 pub(crate) async fn handle_rejection(err: Rejection) -> Result<Response, Infallible> {
     let error = if let Some(api) = err.find::<ApiError>() {
-        ApiError::new(api.kind, api.message.clone())
+        api.clone()
     } else if let Some(e) = err.find::<warp::filters::cors::CorsForbidden>() {
         ApiError::new(ErrorKind::Forbidden, e.to_string())
     } else if err.is_not_found() {

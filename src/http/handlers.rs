@@ -14,7 +14,7 @@ use warp::reply::Response;
 use super::access::Credentials;
 use super::error::{ApiError, ErrorKind, quoted};
 use super::reply::{ChannelReply, Format, GroupSent, Id, empty, respond};
-use super::{Api, MessageBody, Query};
+use super::{Api, MessageBody, Peer, Query};
 use crate::auth::{Need, Target};
 use crate::layer::{GroupInfo, PageRequest};
 
@@ -24,13 +24,15 @@ pub async fn send(
     format: Format,
     body: MessageBody,
     credentials: Credentials,
+    peer: Option<Peer>,
     api: Api,
 ) -> Result<Response, Rejection> {
-    api.authorize(
+    let access = api.authorize(
         &credentials,
         &[Need::Publish(Target::Channel(channel.clone()))],
     )?;
-    let _permit = api.admit()?;
+    api.admit()?;
+    api.take_publish(&access, peer)?;
     let message = body.read(&api).await?;
     let id = api
         .layer
@@ -79,7 +81,7 @@ pub async fn receive(
         &credentials,
         &[Need::Subscribe(Target::Channel(channel.clone()))],
     )?;
-    let _permit = api.admit()?;
+    api.admit()?;
     let wait = parse_wait(query.get("wait"), api.settings.max_wait_secs)?;
     let received = tokio::select! {
         received = api.layer.receive(&channel, wait) => received.map_err(ApiError::from)?,
@@ -114,7 +116,7 @@ pub async fn new_channel(
         &credentials,
         &[Need::Subscribe(Target::ChannelsUnder(prefix.to_string()))],
     )?;
-    let _permit = api.admit()?;
+    api.admit()?;
     let name = api.layer.new_channel(prefix).map_err(ApiError::from)?;
     Ok(respond(
         format,
@@ -250,7 +252,7 @@ pub async fn group_add(
     api: Api,
 ) -> Result<Response, Rejection> {
     api.authorize(&credentials, &membership(&group, &channel))?;
-    let _permit = api.admit()?;
+    api.admit()?;
     api.layer
         .group_add(&group, &channel)
         .await
@@ -266,7 +268,7 @@ pub async fn group_discard(
     api: Api,
 ) -> Result<Response, Rejection> {
     api.authorize(&credentials, &membership(&group, &channel))?;
-    let _permit = api.admit()?;
+    api.admit()?;
     api.layer
         .group_discard(&group, &channel)
         .await
@@ -304,10 +306,12 @@ pub async fn group_send(
     format: Format,
     body: MessageBody,
     credentials: Credentials,
+    peer: Option<Peer>,
     api: Api,
 ) -> Result<Response, Rejection> {
-    api.authorize(&credentials, &[Need::Publish(Target::Group(group.clone()))])?;
-    let _permit = api.admit()?;
+    let access = api.authorize(&credentials, &[Need::Publish(Target::Group(group.clone()))])?;
+    api.admit()?;
+    api.take_publish(&access, peer)?;
     let message = body.read(&api).await?;
     let report = api
         .layer
@@ -328,7 +332,7 @@ pub async fn group_send(
 /// GET /v1/admin/backup: a consistent dump of everything, one JSON object per line.
 pub async fn backup(credentials: Credentials, api: Api) -> Result<Response, Rejection> {
     api.authorize(&credentials, &[Need::Admin])?;
-    let _permit = api.admit()?;
+    api.admit()?;
     let layer = api.layer.clone();
     let dump = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
@@ -351,7 +355,7 @@ pub async fn backup(credentials: Credentials, api: Api) -> Result<Response, Reje
 /// POST /v1/flush
 pub async fn flush(credentials: Credentials, api: Api) -> Result<Response, Rejection> {
     api.authorize(&credentials, &[Need::Admin])?;
-    let _permit = api.admit()?;
+    api.admit()?;
     api.layer.flush().await.map_err(ApiError::from)?;
     Ok(empty(StatusCode::NO_CONTENT))
 }

@@ -6,6 +6,7 @@ mod access;
 mod body;
 mod error;
 mod handlers;
+mod limits;
 mod reply;
 mod sse;
 pub(crate) mod subscription;
@@ -13,11 +14,12 @@ mod ws;
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
 use parking_lot::RwLock;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warp::filters::BoxedFilter;
@@ -25,26 +27,31 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::auth::Policy;
-use crate::config::{AuthSettings, ConfigError, ServerSettings};
+use crate::auth::{Access, Policy};
+use crate::config::{AuthSettings, ConfigError, LimitsSettings, ServerSettings, Settings};
 use crate::layer::ChannelLayer;
 use error::{ApiError, ErrorKind};
+use limits::{ClientKey, PublishRate};
+
+pub(crate) use limits::{Peer, Refusal, client_address, head_timed_out, refusal};
 use reply::Format;
 
 /// What every handler needs, shared: cloning it for a request costs one reference count.
 #[derive(Clone)]
 pub struct Api(Arc<ApiState>);
 
-/// The layer, the settings, the access policy, the shutdown signal, the connection
-/// budget and the running subscriptions.
+/// The layer, the settings, the access policy, the shutdown signal, the publish rates
+/// and the running subscriptions.
 pub struct ApiState {
     /// The channel layer every route calls into.
     pub layer: ChannelLayer,
     /// The `[server]` settings: waits, keepalives, limits, CORS.
     pub settings: Arc<ServerSettings>,
+    /// The `[limits]` on what one client or connection may take.
+    pub limits: LimitsSettings,
     /// Cancelled on SIGINT/SIGTERM, so that waits and streams end and new requests are refused.
     pub shutdown: CancellationToken,
-    connections: Arc<Semaphore>,
+    publish_rate: PublishRate,
     streams: Arc<subscription::Registry>,
     /// The `[auth]` settings in force; replaced whole on a reload.
     policy: RwLock<Arc<Policy>>,
@@ -59,19 +66,24 @@ pub struct ApiState {
 }
 
 impl Api {
-    /// The API over `layer`, with a connection budget of `settings.max_connections` and
-    /// the access control of `auth`.
+    /// The API over `layer`, with the `[server]`, `[limits]` and `[auth]` of `settings`.
     pub fn new(
         layer: ChannelLayer,
-        settings: ServerSettings,
-        auth: &AuthSettings,
+        settings: &Settings,
         shutdown: CancellationToken,
     ) -> Result<Self, ConfigError> {
+        let Settings {
+            server: settings,
+            auth,
+            limits,
+            ..
+        } = settings.clone();
         let loopback = settings.listen.ip().is_loopback();
         Ok(Api(Arc::new(ApiState {
             layer,
-            connections: Arc::new(Semaphore::new(settings.max_connections)),
-            policy: RwLock::new(Arc::new(Policy::new(auth, loopback)?)),
+            publish_rate: PublishRate::new(&limits),
+            policy: RwLock::new(Arc::new(Policy::new(&auth, loopback)?)),
+            limits,
             policy_changed: Notify::new(),
             loopback,
             sites: access::Sites::new(&settings.allowed_hosts, &settings.cors_origins, loopback),
@@ -97,21 +109,27 @@ impl Api {
         self.policy.read().clone()
     }
 
-    /// A slot for one request or stream, or `unavailable` when the server is at
-    /// `max_connections` or shutting down.
-    fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+    /// Ok unless the server is shutting down (then `unavailable`). Connection slots
+    /// are taken by the server when it accepts a connection, before any request.
+    fn admit(&self) -> Result<(), ApiError> {
         if self.shutdown.is_cancelled() {
             return Err(ApiError::new(
                 ErrorKind::Unavailable,
                 "the server is shutting down",
             ));
         }
-        self.connections.clone().try_acquire_owned().map_err(|_| {
-            ApiError::new(
-                ErrorKind::Unavailable,
-                "the server is at its connection limit; try again later",
-            )
-        })
+        Ok(())
+    }
+
+    /// Takes one publish from the caller's rate (`limits.publish_rate_per_sec`): the
+    /// token's name counts, else the address the request came from.
+    fn take_publish(&self, access: &Access, peer: Option<Peer>) -> Result<(), ApiError> {
+        self.publish_rate.take(&ClientKey::of(access.name(), peer))
+    }
+
+    /// Forgets the publish rates of clients that are idle (called now and then).
+    pub(crate) fn forget_idle_clients(&self) {
+        self.publish_rate.forget_idle();
     }
 
     /// The `"type"` for published maps that have none (`server.default_message_type`).
@@ -177,6 +195,12 @@ fn format() -> impl Filter<Extract = (Format,), Error = Rejection> + Clone {
         .map(|a: Option<String>| Format::from_accept(a.as_deref()))
 }
 
+/// The address the request came from, when the server put it in (always, except for
+/// the routes tested on their own).
+fn peer() -> impl Filter<Extract = (Option<Peer>,), Error = std::convert::Infallible> + Clone {
+    warp::ext::optional::<Peer>()
+}
+
 fn with_api(api: Api) -> impl Filter<Extract = (Api,), Error = std::convert::Infallible> + Clone {
     warp::any().map(move || api.clone())
 }
@@ -192,7 +216,14 @@ impl MessageBody {
     /// Reads and decodes the message, refusing an oversized body before reading it whole.
     async fn read(self, api: &Api) -> Result<crate::message::Message, ApiError> {
         let limit = body::body_limit(api.layer.max_message_bytes());
-        let bytes = body::read_limited(self.length, self.stream, limit).await?;
+        let patience = Duration::from_secs(api.settings.request_timeout_secs);
+        let read = body::read_limited(self.length, self.stream, limit);
+        let bytes = tokio::time::timeout(patience, read).await.map_err(|_| {
+            ApiError::new(
+                ErrorKind::RequestTimeout,
+                "the request body did not come within server.request_timeout_secs",
+            )
+        })??;
         let kind = body::BodyKind::from_content_type(self.content_type.as_deref());
         body::decode_message(kind, &bytes, api.default_type())
     }
@@ -244,6 +275,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and(format())
         .and(message_body())
         .and(access::credentials())
+        .and(peer())
         .and(with_api(api.clone()))
         .and_then(handlers::send);
     let receive = channel_messages
@@ -306,6 +338,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and(format())
         .and(message_body())
         .and(access::credentials())
+        .and(peer())
         .and(with_api(api.clone()))
         .and_then(handlers::group_send);
     let group_events = warp::path!(String / "events")
@@ -327,6 +360,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(ws::handshake())
         .and(access::credentials())
+        .and(peer())
         .and(with_api(api.clone()))
         .and_then(ws::upgrade);
     let flush = warp::path!("flush")

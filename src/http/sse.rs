@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use warp::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use warp::reply::Response;
@@ -21,7 +20,7 @@ use warp::{Filter, Rejection, Reply};
 use super::access::Credentials;
 use super::error::{ApiError, ErrorKind, quoted};
 use super::reply::{Gap, Id};
-use super::subscription::{Push, Spec, Subscription};
+use super::subscription::{Push, Spec, Subscription, resume_point};
 use super::{Api, Query};
 use crate::auth::{Held, Need, Target};
 use crate::names;
@@ -34,22 +33,28 @@ pub fn last_event_id() -> impl Filter<Extract = (Option<String>,), Error = Rejec
     warp::header::optional::<String>("last-event-id")
 }
 
-/// The id to resume after: the header, else `?last_event_id=`.
-fn resume_after(header: Option<String>, query: Option<&Query>) -> Result<Option<u64>, ApiError> {
+/// The id to resume after: the header, else `?last_event_id=`; one above every id
+/// assigned is refused.
+fn resume_after(
+    api: &Api,
+    header: Option<String>,
+    query: Option<&Query>,
+) -> Result<Option<u64>, ApiError> {
     let raw = header.or_else(|| {
         query
             .and_then(|q| q.get("last_event_id"))
             .map(str::to_string)
     });
-    match raw.as_deref().map(str::trim) {
-        None | Some("") => Ok(None),
-        Some(raw) => raw.parse().map(Some).map_err(|_| {
+    let id = match raw.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(raw) => Some(raw.parse().map_err(|_| {
             ApiError::new(
                 ErrorKind::InvalidParameter,
                 format!("Last-Event-ID must be a message id, not {}", quoted(raw)),
             )
-        }),
-    }
+        })?),
+    };
+    resume_point(api, id)
 }
 
 /// One event in the wire format: `data:` (one line of JSON), then `id:`, then a blank line.
@@ -118,7 +123,7 @@ impl Stream for Events {
 }
 
 /// A stream that tells the browser to come back later, then ends.
-fn retry_later() -> Response {
+pub(super) fn retry_later() -> Response {
     let stream = futures_util::stream::once(async {
         Ok::<_, Infallible>(
             Event::default()
@@ -129,8 +134,8 @@ fn retry_later() -> Response {
     warp::sse::reply(stream).into_response()
 }
 
-fn stream(api: &Api, spec: Spec, permit: OwnedSemaphorePermit) -> Result<Response, Rejection> {
-    let subscription = Subscription::start(api, spec, Some(permit)).map_err(ApiError::from)?;
+fn stream(api: &Api, spec: Spec) -> Result<Response, Rejection> {
+    let subscription = Subscription::start(api, spec).map_err(ApiError::from)?;
     let every = Duration::from_secs(api.settings.keepalive_secs).min(MAX_KEEPALIVE);
     let last_write = Instant::now();
     let events = Events {
@@ -157,10 +162,10 @@ pub(crate) async fn channel_events(
     let needs = vec![Need::Subscribe(Target::Channel(channel.clone()))];
     let access = api.authorize(&credentials, &needs)?;
     names::check_channel(&channel).map_err(ApiError::from)?;
-    let last_event_id = resume_after(last_event_id, Some(&query))?;
-    let Ok(permit) = api.admit() else {
+    let last_event_id = resume_after(&api, last_event_id, Some(&query))?;
+    if api.admit().is_err() {
         return Ok(retry_later());
-    };
+    }
     let spec = Spec {
         channel,
         last_event_id,
@@ -168,7 +173,7 @@ pub(crate) async fn channel_events(
         ephemeral: false,
         held: Held::new(credentials.token()?, &access, needs),
     };
-    stream(&api, spec, permit)
+    stream(&api, spec)
 }
 
 /// GET /v1/groups/{group}/events?channel=C
@@ -195,6 +200,11 @@ pub(crate) async fn multi_group_events(
             ApiError::new(ErrorKind::InvalidParameter, "at least one group= is needed").into(),
         );
     }
+    let most = api.limits.max_groups_per_stream;
+    if groups.len() > most {
+        let why = format!("limits.max_groups_per_stream ({most}) reached: follow fewer groups");
+        return Err(ApiError::new(ErrorKind::LimitReached, why).into());
+    }
     joined_stream(groups, last_event_id, query, credentials, api).await
 }
 
@@ -220,10 +230,10 @@ async fn joined_stream(
     for group in &groups {
         names::check_group(group).map_err(ApiError::from)?;
     }
-    let last_event_id = resume_after(last_event_id, Some(&query))?;
-    let Ok(permit) = api.admit() else {
+    let last_event_id = resume_after(&api, last_event_id, Some(&query))?;
+    if api.admit().is_err() {
         return Ok(retry_later());
-    };
+    }
     let (channel, ephemeral) = match query.get("channel") {
         Some(channel) => {
             names::check_channel(channel).map_err(ApiError::from)?;
@@ -244,5 +254,5 @@ async fn joined_stream(
         ephemeral,
         held: Held::new(credentials.token()?, &access, needs),
     };
-    stream(&api, spec, permit)
+    stream(&api, spec)
 }

@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use parking_lot::Mutex;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 use super::Api;
+use super::error::{ApiError, ErrorKind};
 use crate::auth::{Held, Policy};
 use crate::layer::{self, Gap, Receiver, Revoker};
 use crate::message::Message;
@@ -173,8 +173,20 @@ impl Registry {
     }
 }
 
-/// Ends stalled subscriptions (see [`Registry::cut_off_stalled`]) until shutdown, then
-/// ends them all.
+/// `last_event_id` if it is a point to resume from: 400 `invalid_last_event_id` when it
+/// is above every id assigned (it would skip every message to come).
+pub(crate) fn resume_point(api: &Api, last_event_id: Option<u64>) -> Result<Option<u64>, ApiError> {
+    match last_event_id {
+        Some(id) if id > api.layer.highest_id() => Err(ApiError::new(
+            ErrorKind::InvalidLastEventId,
+            format!("no message id up to {id} was assigned yet: resume from an id received"),
+        )),
+        resume => Ok(resume),
+    }
+}
+
+/// Ends stalled subscriptions (see [`Registry::cut_off_stalled`]) and forgets the
+/// publish rates of idle clients until shutdown, then ends every subscription.
 pub(crate) async fn watchdog(api: Api) {
     let slow = Duration::from_secs(api.settings.slow_consumer_secs);
     let every = (slow / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -183,7 +195,10 @@ pub(crate) async fn watchdog(api: Api) {
     loop {
         tokio::select! {
             _ = api.shutdown.cancelled() => break,
-            _ = ticks.tick() => api.streams.cut_off_stalled(slow),
+            _ = ticks.tick() => {
+                api.streams.cut_off_stalled(slow);
+                api.forget_idle_clients();
+            }
         }
     }
     api.streams.cut_off_all();
@@ -218,16 +233,11 @@ pub(crate) struct Subscription {
     /// When to renew the group memberships next (only with groups).
     refresh: Option<Pin<Box<Sleep>>>,
     ended: bool,
-    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Subscription {
     /// Starts a subscription (taking its channel over when it resumes).
-    pub fn start(
-        api: &Api,
-        spec: Spec,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> Result<Self, layer::Error> {
+    pub fn start(api: &Api, spec: Spec) -> Result<Self, layer::Error> {
         if spec.last_event_id.is_some() {
             api.streams.take_over(&spec.channel);
         }
@@ -268,7 +278,6 @@ impl Subscription {
             progress,
             refresh,
             ended: false,
-            _permit: permit,
             spec,
         })
     }

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use rmpv::Value;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
@@ -28,13 +28,13 @@ use warp::http::header::{CONNECTION, HeaderMap, HeaderValue, SEC_WEBSOCKET_ACCEP
 use warp::reply::Response;
 use warp::{Filter, Rejection};
 
-use super::Api;
 use super::access::Credentials;
 use super::body::body_limit;
 use super::error::{ApiError, ErrorKind, quoted};
 use super::handlers::{membership, parse_wait};
 use super::reply::{ChannelReply, Echo, Format, Gap, GroupSent, Id};
-use super::subscription::{Push, Spec, Subscription};
+use super::subscription::{Push, Spec, Subscription, resume_point};
+use super::{Api, Peer};
 use crate::auth::{Held, Need, Target};
 use crate::layer::Revoker;
 use crate::message::{Message, parse_json_at};
@@ -52,6 +52,10 @@ const CLOSE_POLICY: u16 = 1008;
 /// What a socket reads at once. tungstenite's default (128 KiB) is zero-filled up front,
 /// so it cost every idle subscriber 128 KiB; larger frames still grow the buffer.
 const READ_BUFFER: usize = 8 * 1024;
+
+/// The largest frame Herald writes, as a multiple of the largest body it reads: a JSON
+/// frame escapes a message's control characters (`\u0000`, six bytes for one).
+const LARGEST_FRAME_FACTOR: usize = 6;
 
 /// The socket Herald speaks the protocol on.
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -125,16 +129,26 @@ fn check_handshake(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
 pub async fn upgrade(
     handshake: Handshake,
     credentials: Credentials,
+    peer: Option<Peer>,
     api: Api,
 ) -> Result<Response, Rejection> {
     // A token given with the upgrade must be valid; it applies to every request until
     // an `auth` request replaces it.
     let token = credentials.token()?.map(str::to_string);
     api.authorize(&credentials, &[])?;
-    let permit = api.admit()?;
+    api.admit()?;
     let limit = body_limit(api.layer.max_message_bytes());
+    // Frames wait in the outbox, which bounds them; tungstenite's own buffer holds what
+    // it writes by itself (pongs, the close), bounded too.
+    let largest_frame = limit.saturating_mul(LARGEST_FRAME_FACTOR);
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(
+            api.limits
+                .max_write_buffer_bytes
+                .saturating_add(largest_frame),
+        )
         .max_message_size(Some(limit))
         .max_frame_size(Some(limit));
     let accept = derive_accept_key(handshake.key.as_bytes());
@@ -147,7 +161,7 @@ pub async fn upgrade(
                     Some(config),
                 )
                 .await;
-                serve(api, socket, token, permit).await;
+                serve(api, socket, token, peer).await;
             }
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
         }
@@ -346,33 +360,98 @@ fn json_ref(text: &[u8]) -> Option<Value> {
     parse_json_at(raw.get().as_bytes(), 1).ok()
 }
 
+/// The frames waiting to be written to one socket, bounded in number ([`OUTBOX`]) and in
+/// bytes (`limits.max_write_buffer_bytes`). A frame waits for room; a client that leaves
+/// no room for `slow_consumer_secs` (it reads nothing) has its connection closed with
+/// 1008, and the frame is dropped.
+#[derive(Clone)]
+struct Outbox {
+    frames: mpsc::Sender<(Frame, OwnedSemaphorePermit)>,
+    /// One permit per byte that may be queued.
+    room: Arc<Semaphore>,
+    limit: usize,
+    patience: Duration,
+    /// Cancelled when a frame found no room in time: the connection ends.
+    overflowed: CancellationToken,
+}
+
+/// The end of an [`Outbox`] that writes to the socket.
+type Outgoing = mpsc::Receiver<(Frame, OwnedSemaphorePermit)>;
+
+impl Outbox {
+    fn new(limit: usize, patience: Duration) -> (Outbox, Outgoing) {
+        let (frames, outgoing) = mpsc::channel(OUTBOX);
+        let outbox = Outbox {
+            frames,
+            room: Arc::new(Semaphore::new(limit)),
+            limit,
+            patience,
+            overflowed: CancellationToken::new(),
+        };
+        (outbox, outgoing)
+    }
+
+    /// Queues `frame` once there is room for it (a frame larger than the whole limit
+    /// waits for all of it). Fails when the socket is gone or the client left no room in
+    /// time (then the connection is ending).
+    async fn send(&self, frame: Frame) -> Result<(), ()> {
+        let bytes = frame.len().clamp(1, self.limit) as u32;
+        let room = self.room.clone().acquire_many_owned(bytes);
+        let permit = match tokio::time::timeout(self.patience, room).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(()),
+            Err(_) => {
+                self.overflowed.cancel();
+                return Err(());
+            }
+        };
+        self.frames.send((frame, permit)).await.map_err(drop)
+    }
+
+    /// Queues a close frame without waiting: the connection ends either way.
+    fn close(&self, code: u16, reason: &'static str) {
+        let permit = self.room.clone().try_acquire_owned();
+        let nothing = || Arc::new(Semaphore::new(1)).try_acquire_owned();
+        if let Ok(permit) = permit.or_else(|_| nothing()) {
+            let _ = self.frames.try_send((close_frame(code, reason), permit));
+        }
+    }
+}
+
 /// One connection's state: its token, its outbox and its subscriptions.
 struct Connection {
     api: Api,
     /// The token its requests present (from the upgrade, or the last `auth` request).
     token: Option<String>,
-    outbox: mpsc::Sender<Frame>,
+    /// The client's address, whom its publishes count against without a token.
+    peer: Option<Peer>,
+    outbox: Outbox,
     subscriptions: HashMap<String, Revoker>,
     receives: Arc<tokio::sync::Semaphore>,
     /// Cancelled when the client's side ends, so waiting receives stop taking messages.
     closed: CancellationToken,
 }
 
-async fn serve(api: Api, socket: Socket, token: Option<String>, permit: OwnedSemaphorePermit) {
+async fn serve(api: Api, socket: Socket, token: Option<String>, peer: Option<Peer>) {
     let (mut sink, mut incoming) = socket.split();
-    let (outbox, mut outgoing) = mpsc::channel::<Frame>(OUTBOX);
+    let (outbox, mut outgoing) = Outbox::new(
+        api.limits.max_write_buffer_bytes,
+        Duration::from_secs(api.settings.slow_consumer_secs),
+    );
     let writer = tokio::spawn(async move {
-        while let Some(frame) = outgoing.recv().await {
+        while let Some((frame, room)) = outgoing.recv().await {
             let closing = frame.is_close();
             if sink.send(frame).await.is_err() || closing {
                 break;
             }
+            drop(room);
         }
         let _ = sink.close().await;
     });
     let mut conn = Connection {
         api: api.clone(),
         token,
+        peer,
         outbox,
         subscriptions: HashMap::new(),
         receives: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_RECEIVES)),
@@ -381,7 +460,11 @@ async fn serve(api: Api, socket: Socket, token: Option<String>, permit: OwnedSem
     loop {
         let next = tokio::select! {
             _ = api.shutdown.cancelled() => {
-                let _ = conn.outbox.send(close_frame(CLOSE_GOING_AWAY, "server shutting down")).await;
+                conn.outbox.close(CLOSE_GOING_AWAY, "server shutting down");
+                break;
+            }
+            _ = conn.outbox.overflowed.cancelled() => {
+                conn.outbox.close(CLOSE_POLICY, "not reading what it is sent");
                 break;
             }
             next = incoming.next() => next,
@@ -389,10 +472,7 @@ async fn serve(api: Api, socket: Socket, token: Option<String>, permit: OwnedSem
         match next {
             None => break,
             Some(Err(WsError::Capacity(_))) => {
-                let _ = conn
-                    .outbox
-                    .send(close_frame(CLOSE_TOO_BIG, "message too big"))
-                    .await;
+                conn.outbox.close(CLOSE_TOO_BIG, "message too big");
                 break;
             }
             Some(Err(_)) => break,
@@ -418,7 +498,6 @@ async fn serve(api: Api, socket: Socket, token: Option<String>, permit: OwnedSem
     }
     drop(conn);
     let _ = writer.await;
-    drop(permit);
 }
 
 impl Connection {
@@ -445,7 +524,9 @@ impl Connection {
             }
             "send" => {
                 let channel = request.str("channel")?;
-                self.authorize(&[Need::Publish(Target::Channel(channel.to_string()))])?;
+                let access =
+                    self.authorize(&[Need::Publish(Target::Channel(channel.to_string()))])?;
+                self.api.take_publish(&access, self.peer)?;
                 let id = layer
                     .send(channel, request.message(self.api.default_type())?)
                     .await?;
@@ -453,7 +534,8 @@ impl Connection {
             }
             "group_send" => {
                 let group = request.str("group")?;
-                self.authorize(&[Need::Publish(Target::Group(group.to_string()))])?;
+                let access = self.authorize(&[Need::Publish(Target::Group(group.to_string()))])?;
+                self.api.take_publish(&access, self.peer)?;
                 let report = layer
                     .group_send(group, request.message(self.api.default_type())?)
                     .await?;
@@ -574,16 +656,25 @@ impl Connection {
         crate::names::check_channel(&channel)?;
         let spec = Spec {
             channel: channel.clone(),
-            last_event_id: request.optional_id("last_event_id")?,
+            last_event_id: resume_point(&self.api, request.optional_id("last_event_id")?)?,
             groups: Vec::new(),
             ephemeral: false,
             held: Held::new(self.token.as_deref(), &access, needs),
         };
+        let most = self.api.limits.max_subscriptions_per_connection;
+        if self.subscriptions.len() >= most && !self.subscriptions.contains_key(&channel) {
+            return Err(ApiError::new(
+                ErrorKind::LimitReached,
+                format!(
+                    "limits.max_subscriptions_per_connection ({most}) reached: unsubscribe first"
+                ),
+            ));
+        }
         if let Some(previous) = self.subscriptions.remove(&channel) {
             previous.revoke();
         }
         self.ok(request, ()).await;
-        let mut pushes = Subscription::start(&self.api, spec, None)?;
+        let mut pushes = Subscription::start(&self.api, spec)?;
         self.subscriptions.insert(channel.clone(), pushes.stopper());
         let outbox = self.outbox.clone();
         let format = request.format;
@@ -611,16 +702,14 @@ impl Connection {
             // queued and in the replay log; closing the socket tells it to reconnect and
             // resubscribe with its last id.
             if pushes.was_too_slow() {
-                let close = close_frame(
+                outbox.close(
                     CLOSE_POLICY,
                     "too slow to read; resubscribe with last_event_id",
                 );
-                let _ = outbox.send(close).await;
             }
             // Its token was removed, expired or lost the permission.
             if pushes.lost_access() {
-                let close = close_frame(CLOSE_POLICY, "access revoked");
-                let _ = outbox.send(close).await;
+                outbox.close(CLOSE_POLICY, "access revoked");
             }
         });
         Ok(())

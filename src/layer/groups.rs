@@ -27,7 +27,9 @@ impl ChannelLayer {
                     last_add_ms: now.max(m.last_add_ms),
                 },
                 lapsed_or_new => {
-                    if lapsed_or_new.is_some() {
+                    if lapsed_or_new.is_none() {
+                        inner.check_membership_room()?;
+                    } else {
                         inner.pin_group_messages(&state, group, channel, &mut batch);
                     }
                     Membership {

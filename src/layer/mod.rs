@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::config::{ChannelRules, ConfigError, LayerSettings, StorageSettings};
+use crate::config::{ChannelRules, ConfigError, Settings};
 use crate::message::{Message, MessageError};
 use crate::names::NameError;
 use crate::store::record::Record;
@@ -62,6 +62,13 @@ pub enum Error {
     /// A send found `channel` already holding its `capacity` of pending messages.
     #[error("channel {channel} is full ({capacity} messages pending)")]
     ChannelFull { channel: String, capacity: usize },
+    /// The layer holds `limit` of what `key` (e.g. `limits.max_channels`) bounds.
+    #[error("{key} ({limit}) reached: {what}")]
+    LimitReached {
+        key: &'static str,
+        limit: usize,
+        what: &'static str,
+    },
     /// The store failed to read or write (including a full disk).
     #[error(transparent)]
     Storage(#[from] StoreError),
@@ -130,6 +137,10 @@ struct Inner {
     rules: ChannelRules,
     group_expiry_ms: u64,
     max_message_bytes: usize,
+    /// `limits.max_channels`: a send to a channel not held yet is refused past it.
+    max_channels: usize,
+    /// `limits.max_memberships`: a group_add of a new membership is refused past it.
+    max_memberships: usize,
     replay_capacity: usize,
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
@@ -145,13 +156,11 @@ struct Inner {
 }
 
 impl ChannelLayer {
-    /// Opens the store in `storage.data_dir` and rebuilds the in-memory index from it.
-    /// Blocking: call it before serving, or from `spawn_blocking`.
-    pub fn open(
-        layer: &LayerSettings,
-        storage: &StorageSettings,
-        clock: Arc<dyn Clock>,
-    ) -> Result<Self, Error> {
+    /// Opens the store in `storage.data_dir` and rebuilds the in-memory index from it,
+    /// with the `[layer]` settings and the `[limits]` on what it holds. Blocking: call it
+    /// before serving, or from `spawn_blocking`.
+    pub fn open(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Self, Error> {
+        let (layer, storage) = (&settings.layer, &settings.storage);
         let rules = layer.rules()?;
         let store = Store::open(
             &storage.data_dir,
@@ -169,6 +178,8 @@ impl ChannelLayer {
             rules,
             group_expiry_ms: layer.group_expiry_secs.saturating_mul(1000),
             max_message_bytes: layer.max_message_bytes,
+            max_channels: settings.limits.max_channels,
+            max_memberships: settings.limits.max_memberships,
             replay_capacity: layer.replay_capacity,
             clock,
             state: Mutex::new(State::default()),
@@ -189,6 +200,11 @@ impl ChannelLayer {
         Duration::from_millis(self.inner.group_expiry_ms)
     }
 
+    /// An id no message id assigned so far is above: a resume point past it is bogus.
+    pub fn highest_id(&self) -> u64 {
+        self.inner.store.highest_id()
+    }
+
     /// Largest accepted message, in bytes of msgpack.
     pub fn max_message_bytes(&self) -> usize {
         self.inner.max_message_bytes
@@ -207,6 +223,31 @@ impl Inner {
                 &self.tally,
             )
         })
+    }
+
+    /// Refuses a send to `name` when the layer holds no state for it and already holds
+    /// `max_channels`.
+    fn check_channel_room(&self, channels: &Channels, name: &str) -> Result<(), Error> {
+        if channels.len() >= self.max_channels && !channels.contains_key(name) {
+            return Err(Error::LimitReached {
+                key: "limits.max_channels",
+                limit: self.max_channels,
+                what: "the server holds as many channels as it may",
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses a new membership when the layer holds `max_memberships`.
+    fn check_membership_room(&self) -> Result<(), Error> {
+        if self.tally.memberships.load(Ordering::Relaxed) >= self.max_memberships {
+            return Err(Error::LimitReached {
+                key: "limits.max_memberships",
+                limit: self.max_memberships,
+                what: "the groups hold as many memberships as they may",
+            });
+        }
+        Ok(())
     }
 
     /// The lost watermark ([`Store::lost_upto`]): the highest id of a message deleted

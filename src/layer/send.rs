@@ -23,6 +23,7 @@ impl ChannelLayer {
         let (id, ticket) = {
             let mut state = inner.state.lock();
             let now = inner.clock.now_ms();
+            inner.check_channel_room(&state.channels, channel)?;
             let ch = inner.channel(&mut state.channels, channel);
             if ch.is_full(now) {
                 return Err(Error::ChannelFull {

@@ -1,15 +1,22 @@
 //! The client's end of a connection, as every response is written to it: a write that
-//! stalls is given up, and closing does not reset what the client still sends.
+//! stalls is given up, an idle connection or a request head that does not come whole in
+//! time is closed, and closing does not reset what the client still sends.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
+
+use super::phase::{Moment, Phase, Stage};
+use super::slots::Slot;
 
 /// How long a connection closed by the server keeps reading (and discarding) what its
 /// client still sends.
@@ -28,28 +35,50 @@ async fn linger(mut stream: TcpStream) {
     let _ = tokio::time::timeout(LINGER, tokio::io::copy(&mut stream, &mut sink)).await;
 }
 
+/// How a server's connections are timed.
+pub(crate) struct Timing {
+    /// A write the client takes nothing of for this long fails.
+    pub stall: Duration,
+    /// A connection without a request in progress closes after this long.
+    pub idle: Duration,
+    /// A request head must come whole within this long of its first byte.
+    pub request: Duration,
+    /// The whole 408 response, written when a head does not come in time.
+    pub timed_out: Bytes,
+}
+
 /// A client's TCP stream as Herald serves it:
 /// - a write that the client takes nothing of for `stall` fails with `TimedOut`, so that
 ///   a client that stopped reading (its buffers full) does not hold its connection,
 ///   and its connection slot, for as long as TCP keeps it open;
+/// - in the [`Stage::Idle`] stage for `idle` it ends (the client's input ends), and in
+///   the [`Stage::Head`] stage for `request` it answers 408 and fails;
+/// - it holds the connection's [`Slot`] until dropped (after an upgrade too);
 /// - dropped before the client's end of input, it [`linger`]s in a task of its own.
 pub(crate) struct ClientStream {
     /// Always `Some` until dropped; taken by the lingering task.
     stream: Option<TcpStream>,
     /// The client ended its sending side: closing now cannot reset anything.
     read_eof: bool,
-    stall: Duration,
+    timing: Arc<Timing>,
+    phase: Arc<Phase>,
     /// Runs while a write waits for room in the socket.
     stalled: Option<Pin<Box<Sleep>>>,
+    /// Runs for the idle or head stage it was set in.
+    deadline: Option<(Moment, Pin<Box<Sleep>>)>,
+    _slot: Slot,
 }
 
 impl ClientStream {
-    pub fn new(stream: TcpStream, stall: Duration) -> Self {
+    pub fn new(stream: TcpStream, slot: Slot, phase: Arc<Phase>, timing: Arc<Timing>) -> Self {
         ClientStream {
             stream: Some(stream),
             read_eof: false,
-            stall,
+            timing,
+            phase,
             stalled: None,
+            deadline: None,
+            _slot: slot,
         }
     }
 
@@ -68,7 +97,7 @@ impl ClientStream {
             self.stalled = None;
             return polled;
         }
-        let stall = self.stall;
+        let stall = self.timing.stall;
         let timer = self
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
@@ -79,6 +108,28 @@ impl ClientStream {
             ))),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+impl ClientStream {
+    /// Polls the timer of the stage the connection is in; ready with that stage when
+    /// it runs out. Only the idle and head stages are timed.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<Stage> {
+        self.phase.wake_when_answered(cx.waker());
+        let now = self.phase.now();
+        let limit = match now.stage() {
+            Stage::Idle => self.timing.idle,
+            Stage::Head => self.timing.request,
+            Stage::Answering | Stage::Streaming => {
+                self.deadline = None;
+                return Poll::Pending;
+            }
+        };
+        let (_, timer) = match &mut self.deadline {
+            Some(deadline) if deadline.0 == now => deadline,
+            deadline => deadline.insert((now, Box::pin(tokio::time::sleep(limit)))),
+        };
+        timer.as_mut().poll(cx).map(|()| now.stage())
     }
 }
 
@@ -103,9 +154,28 @@ impl AsyncRead for ClientStream {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = self.stream().poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() == before {
+        match polled {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => self.phase.bytes_came(),
             // A read into room that returns nothing is the end of the client's input.
-            self.read_eof |= buf.remaining() > 0;
+            Poll::Ready(Ok(())) => self.read_eof |= buf.remaining() > 0,
+            Poll::Ready(Err(_)) => {}
+            Poll::Pending => {
+                return match self.poll_deadline(cx) {
+                    Poll::Pending => Poll::Pending,
+                    // Idle too long: as if the client had closed, so the connection ends.
+                    Poll::Ready(Stage::Idle) => Poll::Ready(Ok(())),
+                    Poll::Ready(_) => {
+                        // Nothing else is being written while a head is awaited; the
+                        // small answer fits in the socket's buffer, else it is lost.
+                        let answer = self.timing.timed_out.clone();
+                        let _ = self.stream().try_write(&answer);
+                        Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the request head did not come within server.request_timeout_secs",
+                        )))
+                    }
+                };
+            }
         }
         polled
     }

@@ -1,45 +1,84 @@
 //! One client connection: an event-stream request that opens it is served directly
 //! ([`super::direct`]); everything else is HTTP/1.1 served by hyper, with upgrades for
 //! WebSocket. Either way the socket is a [`ClientStream`]: a write that stalls is given
-//! up, and the connection closes without resetting what the client still sends.
+//! up, an idle connection or a slow request head is closed, and the connection closes
+//! without resetting what the client still sends.
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use warp::http::{Request, StatusCode};
 
-use super::client_stream::ClientStream;
+use super::client_stream::{ClientStream, Timing};
+use super::phase::{Phase, Tracked};
+use super::slots::Slot;
 use super::{Routes, direct};
+use crate::http::Peer;
 
-/// How long a client has to send its first request head (hyper's own limit for the
-/// requests after it is the same).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Serves `stream` until the client or the server ends it, or the client takes nothing
-/// of a write for `stall`.
-pub async fn serve(stream: TcpStream, routes: Routes, stop: CancellationToken, stall: Duration) {
+/// Serves `stream` (from `peer`, holding `slot`) until the client or the server ends
+/// it, the connection stays idle for too long, or the client takes nothing of a write
+/// for the stall time.
+pub async fn serve(
+    stream: TcpStream,
+    slot: Slot,
+    peer: SocketAddr,
+    routes: Routes,
+    stop: CancellationToken,
+    timing: Arc<Timing>,
+) {
     let first = tokio::select! {
         _ = stop.cancelled() => return,
-        first = tokio::time::timeout(HEADER_READ_TIMEOUT, direct::peek_event_stream(&stream)) => first,
+        first = tokio::time::timeout(timing.idle, direct::peek_event_stream(&stream)) => first,
     };
-    let stream = ClientStream::new(stream, stall);
+    let phase = Arc::new(Phase::default());
+    let stream = ClientStream::new(stream, slot, phase.clone(), timing);
+    let peer = Peer(peer.ip());
     match first {
         Err(_) => {}
-        Ok(Some(request)) => direct::respond(stream, request, routes).await,
+        Ok(Some(request)) => {
+            phase.stream_for_good();
+            direct::respond(stream, request.with_peer(peer), routes).await;
+        }
         // Boxed, so that an event stream's task is not as large as hyper's state.
-        Ok(None) => Box::pin(serve_http(stream, routes, stop)).await,
+        Ok(None) => Box::pin(serve_http(stream, peer, phase, routes, stop)).await,
     }
 }
 
 /// Serves HTTP/1.1 with hyper until the client closes, the server ends the connection,
-/// or `stop` (after the request in flight).
-async fn serve_http(stream: ClientStream, routes: Routes, stop: CancellationToken) {
-    let service = TowerToHyperService::new(warp::service(routes));
+/// or `stop` (after the request in flight). Each request carries the client's [`Peer`],
+/// and the connection's [`Phase`] follows the requests: answering from a head to the end
+/// of its response, streaming for good after an upgrade.
+async fn serve_http(
+    stream: ClientStream,
+    peer: Peer,
+    phase: Arc<Phase>,
+    routes: Routes,
+    stop: CancellationToken,
+) {
+    let routes = TowerToHyperService::new(warp::service(routes));
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(peer);
+        phase.answering();
+        let phase = phase.clone();
+        let answer = hyper::service::Service::call(&routes, request);
+        async move {
+            let response = answer.await?;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                phase.stream_for_good();
+            }
+            Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, phase)))
+        }
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // The stream times idle connections and request heads itself (hyper would
+        // close without a 408, and time idle connections as heads).
+        .header_read_timeout(None)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);

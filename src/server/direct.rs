@@ -14,7 +14,7 @@
 
 use std::io::Write;
 use std::pin::pin;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -27,15 +27,20 @@ use warp::http::header::{
     CONNECTION, CONTENT_LENGTH, DATE, HeaderName, HeaderValue, TRANSFER_ENCODING, UPGRADE,
 };
 use warp::http::{Request, StatusCode, Version, response};
+use warp::reply::Response;
 
 use super::Routes;
 use super::client_stream::ClientStream;
+use crate::http::{self, Peer, Refusal};
 
 /// The most bytes of a request head looked at; a longer head is left to hyper.
 const PEEK_BYTES: usize = 4096;
 
 /// The most header fields looked at; a request with more is left to hyper.
 const MAX_HEADERS: usize = 64;
+
+/// How long a connection turned away has to send its head, and then to take the answer.
+const REFUSAL_TIME: Duration = Duration::from_secs(1);
 
 /// Events already waiting are gathered into one write up to this size.
 const BATCH_BYTES: usize = 64 * 1024;
@@ -91,6 +96,14 @@ fn parse_event_stream(bytes: &[u8]) -> Option<EventStreamRequest> {
     Some(EventStreamRequest { request, head_len })
 }
 
+impl EventStreamRequest {
+    /// The request, marked as coming from `peer`.
+    pub(crate) fn with_peer(mut self, peer: Peer) -> Self {
+        self.request.extensions_mut().insert(peer);
+        self
+    }
+}
+
 /// Reads the request off `stream`, answers it with `routes`, and closes the
 /// connection when the response ends, the client goes away, or a write fails (a
 /// [`ClientStream`] gives up on a write that stalls).
@@ -110,6 +123,37 @@ pub(crate) async fn respond(mut stream: ClientStream, request: EventStreamReques
     }
     drop(head);
     write_body(&mut stream, body).await;
+}
+
+/// A whole response, head and body, for an answer written in one go.
+pub(crate) async fn whole(response: Response) -> Bytes {
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut out = encode_head(&parts, Some(body.len() as u64));
+    out.extend_from_slice(&body);
+    out.into()
+}
+
+/// Answers a connection that got no slot and closes it: its head is read for a moment
+/// to tell an event stream (which gets the `retry:` answer) from other requests.
+pub(crate) async fn refuse(mut stream: TcpStream, why: Refusal) {
+    let mut head = vec![0; PEEK_BYTES];
+    let read = tokio::time::timeout(REFUSAL_TIME, stream.read(&mut head)).await;
+    let n = read.ok().and_then(Result::ok).unwrap_or(0);
+    let answer = whole(http::refusal(why, parse_event_stream(&head[..n]).is_some())).await;
+    drop(head);
+    let _ = tokio::time::timeout(REFUSAL_TIME, async {
+        stream.write_all(&answer).await?;
+        stream.shutdown().await?;
+        // What the client still sends is read and dropped, so that closing does not
+        // reset the connection before the client has read the answer.
+        tokio::io::copy(&mut stream, &mut tokio::io::sink()).await
+    })
+    .await;
 }
 
 /// The response head: status line, the routes' headers, and the framing of a body

@@ -5,6 +5,8 @@
 mod client_stream;
 mod connection;
 mod direct;
+mod phase;
+mod slots;
 
 use std::any::Any;
 use std::future::Future;
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,6 +25,8 @@ use crate::http::{self, Api};
 use crate::layer::clock::SystemClock;
 use crate::layer::{self, ChannelLayer};
 use crate::store::StoreError;
+use client_stream::Timing;
+use slots::Slots;
 
 /// Every route of the API, as one warp filter.
 type Routes = warp::filters::BoxedFilter<(warp::reply::Response,)>;
@@ -34,18 +39,23 @@ const STALL_FACTOR: u32 = 4;
 /// How long the accept loop pauses after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// At most this many connections turned away are being answered at once; past that,
+/// one is closed at once.
+const REFUSALS: usize = 256;
+
+/// File descriptors kept for everything but client connections: the database, the
+/// listener, the log, and the connections being turned away.
+const RESERVED_FILES: u64 = 64 + REFUSALS as u64;
+
 /// Opens the channel layer described by `settings` (blocking work, done off the runtime).
 /// A panic while opening (sled asserts on some damaged files) becomes an error that
 /// names the data directory.
 pub async fn open_layer(settings: &Settings) -> Result<ChannelLayer, layer::Error> {
-    let layer_settings = settings.layer.clone();
-    let storage = settings.storage.clone();
-    let data_dir = storage.data_dir.clone();
-    tokio::task::spawn_blocking(move || {
-        ChannelLayer::open(&layer_settings, &storage, Arc::new(SystemClock))
-    })
-    .await
-    .unwrap_or_else(|e| Err(open_failed(&data_dir, e)))
+    let settings = settings.clone();
+    let data_dir = settings.storage.data_dir.clone();
+    tokio::task::spawn_blocking(move || ChannelLayer::open(&settings, Arc::new(SystemClock)))
+        .await
+        .unwrap_or_else(|e| Err(open_failed(&data_dir, e)))
 }
 
 /// The error for an open that panicked (or was cancelled).
@@ -86,14 +96,17 @@ pub async fn run(
 ) -> Result<(), ConfigError> {
     let token = CancellationToken::new();
     let timeout = Duration::from_secs(settings.server.shutdown_timeout_secs);
-    let stall =
-        Duration::from_secs(settings.server.slow_consumer_secs).saturating_mul(STALL_FACTOR);
-    let api = Api::new(
-        layer.clone(),
-        settings.server,
-        &settings.auth,
-        token.clone(),
-    )?;
+    let timing = Arc::new(Timing {
+        stall: Duration::from_secs(settings.server.slow_consumer_secs).saturating_mul(STALL_FACTOR),
+        idle: Duration::from_secs(settings.server.idle_timeout_secs),
+        request: Duration::from_secs(settings.server.request_timeout_secs),
+        timed_out: direct::whole(http::head_timed_out()).await,
+    });
+    let slots = Slots::new(
+        fit_connections(settings.server.max_connections),
+        settings.limits.max_connections_per_client,
+    );
+    let api = Api::new(layer.clone(), &settings, token.clone())?;
     let sweeper = tokio::spawn(sweep(
         layer.clone(),
         Duration::from_millis(settings.storage.sweep_interval_ms),
@@ -103,7 +116,13 @@ pub async fn run(
     let access_watch = tokio::spawn(http::subscription::access_watch(api.clone()));
     let reloader = tokio::spawn(reload.serve(api.clone(), token.clone()));
     let background = api.background.clone();
-    let server = tokio::spawn(serve(listener, http::routes(api), token.clone(), stall));
+    let server = tokio::spawn(serve(
+        listener,
+        http::routes(api),
+        token.clone(),
+        slots,
+        timing,
+    ));
     shutdown.await;
     tracing::info!("shutting down: no new connections, ending streams");
     token.cancel();
@@ -169,20 +188,66 @@ impl Reload {
     }
 }
 
-/// Accepts connections and serves each ([`connection::serve`], giving up on a client
-/// that takes nothing of a write for `stall`) until `stop` is cancelled; then stops accepting, lets every connection finish its in-flight request
-/// or stream, and returns once all have closed. Our own loop rather than `warp::serve`,
-/// for `TCP_NODELAY` (an SSE event is one small write that must not wait for an ACK)
-/// and for the lighter HTTP/1-only connection state.
-async fn serve(listener: TcpListener, routes: Routes, stop: CancellationToken, stall: Duration) {
+/// Raises the soft limit on open files to the hard one, and returns how many
+/// connections fit under it: `wanted`, or fewer (logged) when the limit leaves no room
+/// for them and [`RESERVED_FILES`].
+fn fit_connections(wanted: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not read the open-file limit");
+        return wanted;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            ..limit
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let room = usize::try_from(limit.rlim_cur.saturating_sub(RESERVED_FILES)).unwrap_or(usize::MAX);
+    if wanted <= room {
+        return wanted;
+    }
+    let effective = room.max(1);
+    tracing::warn!(
+        configured = wanted,
+        effective,
+        open_files = limit.rlim_cur,
+        "server.max_connections lowered to fit the open-file limit (RLIMIT_NOFILE)"
+    );
+    effective
+}
+
+/// Accepts connections and serves each ([`connection::serve`]) until `stop` is
+/// cancelled; then stops accepting, lets every connection finish its in-flight request
+/// or stream, and returns once all have closed. A connection takes its slot when it is
+/// accepted; one that finds none is answered and closed ([`direct::refuse`]). Our own
+/// loop rather than `warp::serve`, for the slots, for `TCP_NODELAY` (an SSE event is one
+/// small write that must not wait for an ACK) and for the lighter HTTP/1-only
+/// connection state.
+async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    stop: CancellationToken,
+    slots: Arc<Slots>,
+    timing: Arc<Timing>,
+) {
     let connections = TaskTracker::new();
+    let refusals = Arc::new(Semaphore::new(REFUSALS));
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors, most likely: give connections time to close.
                 tracing::warn!(error = %e, "accept failed");
@@ -193,12 +258,26 @@ async fn serve(listener: TcpListener, routes: Routes, stop: CancellationToken, s
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        connections.spawn(connection::serve(
-            stream,
-            routes.clone(),
-            stop.clone(),
-            stall,
-        ));
+        match slots.take(peer.ip()) {
+            Ok(slot) => {
+                connections.spawn(connection::serve(
+                    stream,
+                    slot,
+                    peer,
+                    routes.clone(),
+                    stop.clone(),
+                    timing.clone(),
+                ));
+            }
+            Err(why) => {
+                if let Ok(answering) = refusals.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        direct::refuse(stream, why).await;
+                        drop(answering);
+                    });
+                }
+            }
+        }
     }
     drop(listener);
     connections.close();

@@ -208,6 +208,8 @@ pub struct Store {
     /// Added to sled's id generator: set once by an import so that new ids follow the
     /// imported ones.
     id_floor: u64,
+    /// No message id above this was ever assigned (see [`Store::highest_id`]).
+    highest_id: AtomicU64,
     /// See [`Store::lost_upto`].
     lost: AtomicU64,
     /// What was lost, when opened with [`OnDataLoss::Accept`] on a damaged log.
@@ -265,6 +267,8 @@ impl Store {
             db.flush()?;
         }
         let file = WatermarkFile::create(path, start).map_err(|e| unusable(e.to_string()))?;
+        // sled's generator only grows: every id it gave before is below the one it gives now.
+        let highest_id = AtomicU64::new(id_floor + db.generate_id()?);
 
         let (flushed, _) = watch::channel(Flushed::default());
         let flusher = Arc::new(Flusher {
@@ -309,6 +313,7 @@ impl Store {
             thread: Mutex::new(Some(thread)),
             healer: Mutex::new(Some(healer)),
             id_floor,
+            highest_id,
             lost,
             data_loss,
             space: space::Space::default(),
@@ -333,7 +338,14 @@ impl Store {
 
     /// The next id of the global sequence; it only grows, also across restarts.
     pub fn next_id(&self) -> Result<u64, StoreError> {
-        Ok(self.id_floor + self.db.generate_id()? + 1)
+        let id = self.id_floor + self.db.generate_id()? + 1;
+        self.highest_id.fetch_max(id, Ordering::SeqCst);
+        Ok(id)
+    }
+
+    /// An id that no message id assigned so far (before restarts too) is above.
+    pub fn highest_id(&self) -> u64 {
+        self.highest_id.load(Ordering::SeqCst)
     }
 
     /// Stores a message record. In `sync` mode it waits in memory and the flusher writes

@@ -42,7 +42,7 @@ impl TestLayer {
     }
 
     fn open(settings: Settings, dir: TempDir, clock: Arc<ManualClock>) -> Self {
-        let layer = ChannelLayer::open(&settings.layer, &settings.storage, clock.clone()).unwrap();
+        let layer = ChannelLayer::open(&settings, clock.clone()).unwrap();
         TestLayer {
             layer,
             clock,
