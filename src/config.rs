@@ -370,6 +370,42 @@ impl Settings {
                 "86400 (a day)",
             ),
             (
+                "server.keepalive_secs",
+                self.server.keepalive_secs,
+                86_400,
+                "86400 (a day)",
+            ),
+            (
+                "server.slow_consumer_secs",
+                self.server.slow_consumer_secs,
+                86_400,
+                "86400 (a day)",
+            ),
+            (
+                "server.shutdown_timeout_secs",
+                self.server.shutdown_timeout_secs,
+                86_400,
+                "86400 (a day)",
+            ),
+            (
+                "storage.flush_interval_ms",
+                self.storage.flush_interval_ms,
+                86_400_000,
+                "86400000 (a day)",
+            ),
+            (
+                "storage.sweep_interval_ms",
+                self.storage.sweep_interval_ms,
+                86_400_000,
+                "86400000 (a day)",
+            ),
+            (
+                "layer.replay_secs",
+                self.layer.replay_secs,
+                TEN_YEARS_SECS,
+                "315360000 (ten years)",
+            ),
+            (
                 "server.request_timeout_secs",
                 self.server.request_timeout_secs,
                 3_600,
@@ -586,6 +622,60 @@ mod tests {
                     err.contains(&format!("{section}.{key}")),
                     "{key} = {past}: {err}"
                 );
+            }
+        }
+    }
+
+    /// Every numeric key, by section.
+    const NUMERIC_KEYS: &[(&str, &str)] = &[
+        ("server", "max_wait_secs"),
+        ("server", "keepalive_secs"),
+        ("server", "slow_consumer_secs"),
+        ("server", "max_connections"),
+        ("server", "shutdown_timeout_secs"),
+        ("server", "idle_timeout_secs"),
+        ("server", "request_timeout_secs"),
+        ("storage", "flush_interval_ms"),
+        ("storage", "sweep_interval_ms"),
+        ("storage", "max_disk_bytes"),
+        ("layer", "expiry_secs"),
+        ("layer", "group_expiry_secs"),
+        ("layer", "capacity"),
+        ("layer", "max_message_bytes"),
+        ("layer", "replay_secs"),
+        ("layer", "replay_capacity"),
+        ("limits", "max_connections_per_client"),
+        ("limits", "publish_rate_per_sec"),
+        ("limits", "publish_burst"),
+        ("limits", "max_write_buffer_bytes"),
+        ("limits", "max_channels"),
+        ("limits", "max_memberships"),
+        ("limits", "max_subscriptions_per_connection"),
+        ("limits", "max_groups_per_stream"),
+    ];
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Whatever number a key gets, loading takes it or refuses it naming the key.
+        #[test]
+        fn any_number_for_any_key_is_taken_or_refused_naming_the_key(
+            key in 0..NUMERIC_KEYS.len(),
+            value in proptest::prop_oneof![
+                proptest::strategy::Just(0i64),
+                proptest::strategy::Just(i64::MAX),
+                proptest::strategy::Just(i64::MIN),
+                0i64..1_000,
+                proptest::num::i64::ANY,
+            ],
+        ) {
+            let (section, name) = NUMERIC_KEYS[key];
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("random.toml");
+            std::fs::write(&file, format!("[{section}]\n{name} = {value}\n")).unwrap();
+            if let Err(e) = Settings::load(Some(&file)) {
+                let text = e.to_string();
+                proptest::prop_assert!(text.contains(&format!("{section}.{name}")), "{name} = {value}: {text}");
             }
         }
     }

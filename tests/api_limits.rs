@@ -406,3 +406,79 @@ async fn a_resume_id_above_every_assigned_id_is_refused_and_errors_quote_little(
     .await;
     assert!(error.to_string().len() < 400, "{error}");
 }
+
+/// Every numeric key with the range a start must take (log-uniform within it): the
+/// documented range, raised at the bottom where one request of the test would not fit.
+const KEY_RANGES: &[(&str, &str, u64, u64)] = &[
+    ("server", "max_wait_secs", 1, 86_400),
+    ("server", "keepalive_secs", 1, 86_400),
+    ("server", "slow_consumer_secs", 1, 86_400),
+    ("server", "max_connections", 2, 1 << 20),
+    ("server", "shutdown_timeout_secs", 1, 86_400),
+    ("server", "idle_timeout_secs", 2, 86_400),
+    ("server", "request_timeout_secs", 2, 3_600),
+    ("storage", "flush_interval_ms", 1, 86_400_000),
+    ("storage", "sweep_interval_ms", 1, 86_400_000),
+    ("layer", "expiry_secs", 10, 315_360_000),
+    ("layer", "group_expiry_secs", 10, 315_360_000),
+    ("layer", "capacity", 1, i64::MAX as u64),
+    ("layer", "max_message_bytes", 1024, 64 << 20),
+    ("layer", "replay_secs", 0, 315_360_000),
+    ("layer", "replay_capacity", 0, i64::MAX as u64),
+    ("limits", "max_connections_per_client", 2, i64::MAX as u64),
+    ("limits", "publish_rate_per_sec", 1, u32::MAX as u64),
+    ("limits", "publish_burst", 2, u32::MAX as u64),
+    ("limits", "max_write_buffer_bytes", 1, 1 << 30),
+    ("limits", "max_channels", 2, i64::MAX as u64),
+    ("limits", "max_memberships", 1, i64::MAX as u64),
+    (
+        "limits",
+        "max_subscriptions_per_connection",
+        1,
+        i64::MAX as u64,
+    ),
+    ("limits", "max_groups_per_stream", 1, i64::MAX as u64),
+];
+
+#[tokio::test]
+async fn random_settings_in_range_start_serve_and_stop_cleanly() {
+    use rand::{Rng, SeedableRng};
+    let seed = seed_from_env("HERALD_SETTINGS_SEED");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for round in 0..4 {
+        let mut config = String::new();
+        let mut section = "";
+        for &(in_section, key, low, high) in KEY_RANGES {
+            if in_section != section {
+                config.push_str(&format!("[{in_section}]\n"));
+                section = in_section;
+            }
+            let bits = rng.random_range((low.max(1) as f64).log2()..=(high as f64).log2());
+            let value = (2f64.powf(bits) as u64).clamp(low, high);
+            let value = if rng.random_bool(0.2) { high } else { value };
+            config.push_str(&format!("{key} = {value}\n"));
+        }
+        let what = format!("seed {seed} (HERALD_SETTINGS_SEED), round {round}:\n{config}");
+        let mut server = Server::start_with(&config).await;
+        let api = Api::new(&server);
+        api.assert_healthy().await;
+        let id = api.send("random.settings", &msg(1)).await;
+        assert_eq!(
+            api.receive("random.settings").await,
+            Some((id, msg(1))),
+            "{what}"
+        );
+        api.group_add("random", "random.settings").await;
+        assert_eq!(
+            api.members("random").await,
+            vec!["random.settings"],
+            "{what}"
+        );
+        let status = server.shutdown(T).await;
+        assert!(
+            status.success(),
+            "{what}\nexit {status:?}\n{}",
+            server.log()
+        );
+    }
+}
