@@ -23,5 +23,7 @@ pub mod message;
 pub mod names;
 pub mod server;
 pub mod store;
+#[cfg(test)]
+mod testing;
 
 pub use layer::ChannelLayer;

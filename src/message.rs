@@ -562,4 +562,44 @@ mod tests {
         let err = Message::from_msgpack(&deep).unwrap_err();
         assert!(err.to_string().contains("deeper than 32"), "{err}");
     }
+
+    /// Valid bodies of both encodings, to mutate.
+    fn seeds() -> Vec<Vec<u8>> {
+        let json =
+            br#"{"type":"chat.message","n":[1,2.5,-3,{"$binary":"AJ+Slg=="}],"s":"x\u00e9"}"#;
+        let message = Message::from_json(json).unwrap();
+        vec![json.to_vec(), message.msgpack().to_vec()]
+    }
+
+    /// Every decoder either refuses a body or gives a message that decodes to itself again.
+    fn check_decoders(body: &[u8]) {
+        if let Ok(message) = Message::decode_json(body, Some("fuzz")) {
+            assert_eq!(
+                Message::from_json(message.json().as_bytes())
+                    .unwrap()
+                    .json(),
+                message.json()
+            );
+        }
+        if let Ok(message) = Message::decode_msgpack(body, None) {
+            assert_eq!(
+                &Message::from_msgpack(message.msgpack()).unwrap().msgpack()[..],
+                &message.msgpack()[..]
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        #[test]
+        fn random_bodies_never_panic_a_decoder(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            check_decoders(&body);
+        }
+
+        #[test]
+        fn mutated_bodies_never_panic_a_decoder(seed in 0..2usize, edits in crate::testing::edits(1)) {
+            check_decoders(&crate::testing::mutated(&seeds()[seed], &edits));
+        }
+    }
 }

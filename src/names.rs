@@ -111,4 +111,12 @@ mod tests {
                 .contains("99")
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_string_is_a_name_or_refused_without_panic(name in "\\PC{0,120}|[a-z.!_-]{0,120}") {
+            let _ = check_channel(&name);
+            let _ = check_group(&name);
+        }
+    }
 }

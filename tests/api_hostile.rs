@@ -8,6 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
 use rmpv::Value as Mp;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1010,4 +1012,124 @@ async fn hostile_websocket_frames_get_error_replies_and_the_socket_stays_usable(
     assert_eq!(got["message"], json!({"type": "t", "s": "a\u{0}b\nc"}));
     drop(ws);
     assert_intact(&api, victim).await;
+}
+
+/// Statuses the API documents for a request it refuses or serves.
+const DOCUMENTED: &[u16] = &[
+    200, 201, 202, 204, 400, 401, 403, 404, 405, 408, 413, 414, 429, 431, 505,
+];
+
+/// A random request: method, path, query and headers drawn from pieces the API knows and
+/// random text, and a body that is random bytes or a mutated valid message.
+fn random_request() -> impl Strategy<Value = (String, String, Vec<(String, String)>, Vec<u8>)> {
+    let method = prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]);
+    let segment = prop_oneof![
+        prop::sample::select(vec![
+            "v1", "channels", "groups", "messages", "events", "ws", "stats", "flush", "admin",
+            "backup", "healthz", "x", "a.b!c",
+        ])
+        .prop_map(str::to_string),
+        "[a-zA-Z0-9._!%~-]{0,12}",
+        "\\PC{0,8}".prop_map(|s| percent_encoding::utf8_percent_encode(
+            &s,
+            percent_encoding::NON_ALPHANUMERIC
+        )
+        .to_string()),
+    ];
+    let path = prop::collection::vec(segment, 0..6).prop_map(|s| format!("/{}", s.join("/")));
+    let query = prop_oneof![
+        Just(String::new()),
+        "(wait|limit|after|group|channel|prefix|last_event_id|access_token)=[0-9a-z.eE+-]{0,24}"
+            .prop_map(|q| format!("?{q}")),
+        "\\PC{0,40}".prop_map(|q| format!(
+            "?{}",
+            percent_encoding::utf8_percent_encode(&q, percent_encoding::CONTROLS)
+        )),
+    ];
+    let header = (
+        prop::sample::select(vec![
+            "last-event-id",
+            "content-type",
+            "accept",
+            "authorization",
+            "origin",
+            "x-any",
+        ]),
+        "[ -~]{0,40}",
+    )
+        .prop_map(|(k, v)| (k.to_string(), v));
+    let body = prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..200),
+        (prop::collection::vec((any::<usize>(), any::<u8>()), 0..6)).prop_map(|edits| {
+            let mut body = br#"{"type":"fuzz","n":[1,2.5],"s":"x"}"#.to_vec();
+            for (at, byte) in edits {
+                let at = at % body.len();
+                body[at] = byte;
+            }
+            body
+        }),
+    ];
+    (
+        method.prop_map(str::to_string),
+        (path, query).prop_map(|(p, q)| p + &q),
+        prop::collection::vec(header, 0..4),
+        body,
+    )
+}
+
+#[tokio::test]
+async fn random_requests_get_a_documented_answer_and_the_server_keeps_serving() {
+    // Long-polls with a random `wait` end within a second.
+    let server = Server::start_with("[server]\nmax_wait_secs = 1\n").await;
+    let api = Api::new(&server);
+    let victim = store_victim(&api).await;
+    let seed = seed_from_env("HERALD_FUZZ_SEED");
+    let mut runner = proptest::test_runner::TestRunner::new_with_rng(
+        proptest::test_runner::Config::default(),
+        proptest::test_runner::TestRng::from_seed(
+            proptest::test_runner::RngAlgorithm::ChaCha,
+            &[seed.to_le_bytes(), [0; 8], [0; 8], [0; 8]].concat(),
+        ),
+    );
+    let strategy = random_request();
+    let mut sent = 0;
+    for _ in 0..300 {
+        let (method, path, headers, body) = strategy.new_tree(&mut runner).unwrap().current();
+        let what = format!("seed {seed} (HERALD_FUZZ_SEED): {method} {path} {headers:?}");
+        let mut request = api
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", server.url("")))
+            .timeout(Duration::from_secs(5))
+            .body(body);
+        for (name, value) in &headers {
+            request = request.header(name, value);
+        }
+        let Ok(request) = request.build() else {
+            continue; // not a request reqwest can send
+        };
+        let response = within(T, &what, api.http.execute(request))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        sent += 1;
+        let status = response.status().as_u16();
+        assert!(DOCUMENTED.contains(&status), "{what}: {status}");
+        let streams = response
+            .headers()
+            .get("content-type")
+            .is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"));
+        if status >= 400 && !streams {
+            let body = within(T, &what, response.bytes()).await.unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&body)
+                .unwrap_or_else(|e| panic!("{what}: {status} body is not JSON ({e})"));
+            assert!(json["error"]["code"].is_string(), "{what}: {json}");
+        }
+    }
+    assert!(sent >= 250, "only {sent} of 300 random requests could be sent");
+    api.assert_healthy().await;
+    let first = api.receive("victim").await;
+    assert_eq!(
+        first,
+        Some((victim.id.clone(), victim.message.clone())),
+        "seed {seed}"
+    );
 }

@@ -380,4 +380,13 @@ mod tests {
             assert_eq!(err.kind, ErrorKind::InvalidParameter, "{bad}");
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_wait_is_a_duration_within_the_cap_or_refused(raw in "\\PC{0,40}|[0-9.eE+-]{0,40}", cap in 0u64..=86_400) {
+            if let Ok(wait) = parse_wait(Some(&raw), cap) {
+                proptest::prop_assert!(wait <= Duration::from_secs(cap));
+            }
+        }
+    }
 }

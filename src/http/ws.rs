@@ -715,3 +715,32 @@ impl Connection {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// A random frame is a request, an error reply, or ignored; never a panic.
+        #[test]
+        fn random_frames_never_panic_the_decoder(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+            text in "\\PC{0,256}",
+        ) {
+            let _ = Request::decode(&Frame::binary(bytes));
+            let _ = Request::decode(&Frame::text(text));
+        }
+
+        #[test]
+        fn mutated_requests_never_panic_the_decoder(edits in crate::testing::edits(1)) {
+            let request = crate::testing::mutated(
+                br#"{"op":"subscribe","ref":[1,{"a":null}],"channel":"c","last_event_id":"7","message":{"type":"x"}}"#,
+                &edits,
+            );
+            let _ = Request::decode(&Frame::binary(request.clone()));
+            let _ = Request::decode(&Frame::text(String::from_utf8_lossy(&request).into_owned()));
+        }
+    }
+}

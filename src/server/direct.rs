@@ -313,4 +313,19 @@ mod tests {
         assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
         assert!(head.contains("\r\ncontent-length: 42\r\n"), "{head}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        #[test]
+        fn mutated_heads_are_taken_whole_or_left_to_hyper(edits in crate::testing::edits(0)) {
+            let head = crate::testing::mutated(
+                b"GET /v1/events?group=a HTTP/1.1\r\nHost: 127.0.0.1\r\nLast-Event-ID: 7\r\n\r\n",
+                &edits,
+            );
+            if let Some(taken) = parse_event_stream(&head) {
+                proptest::prop_assert_eq!(taken.head_len, head.len());
+            }
+        }
+    }
 }
