@@ -1124,7 +1124,10 @@ async fn random_requests_get_a_documented_answer_and_the_server_keeps_serving() 
             assert!(json["error"]["code"].is_string(), "{what}: {json}");
         }
     }
-    assert!(sent >= 250, "only {sent} of 300 random requests could be sent");
+    assert!(
+        sent >= 250,
+        "only {sent} of 300 random requests could be sent"
+    );
     api.assert_healthy().await;
     let first = api.receive("victim").await;
     assert_eq!(
