@@ -458,7 +458,7 @@ impl<'a> Walk<'a> {
                 self.take(1)?;
                 usize::from(marker & 0x1f)
             }
-            0xd9 | 0xda | 0xdb => {
+            0xd9..=0xdb => {
                 self.take(1)?;
                 self.len(1 << (marker - 0xd9))?
             }
