@@ -225,9 +225,23 @@ impl MessageBody {
             )
         })??;
         let kind = body::BodyKind::from_content_type(self.content_type.as_deref());
-        body::decode_message(kind, &bytes, api.default_type())
+        if bytes.len() <= DECODE_INLINE_BYTES {
+            return body::decode_message(kind, &bytes, api.default_type());
+        }
+        // A large body is decoded off the request threads, so that it never holds up
+        // the other connections they serve.
+        let default_type = api.default_type().map(str::to_string);
+        tokio::task::spawn_blocking(move || {
+            body::decode_message(kind, &bytes, default_type.as_deref())
+        })
+        .await
+        .map_err(|_| ApiError::new(ErrorKind::Internal, "decoding the body failed"))?
     }
 }
+
+/// Bodies up to this size are decoded where they are read; larger ones on the blocking
+/// pool.
+const DECODE_INLINE_BYTES: usize = 64 * 1024;
 
 /// The request's message body, unread.
 fn message_body() -> impl Filter<Extract = (MessageBody,), Error = Rejection> + Clone {

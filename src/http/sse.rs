@@ -79,10 +79,6 @@ fn encode(push: &Push) -> Bytes {
     out.freeze()
 }
 
-/// The longest keepalive interval used, whatever `server.keepalive_secs` says: a longer
-/// one keeps nothing alive, and a huge one would overflow the clock.
-const MAX_KEEPALIVE: Duration = Duration::from_secs(86_400);
-
 /// The comment written when a stream has been quiet for a keepalive interval.
 const KEEPALIVE: &[u8] = b": keepalive\n\n";
 
@@ -136,7 +132,7 @@ pub(super) fn retry_later() -> Response {
 
 fn stream(api: &Api, spec: Spec) -> Result<Response, Rejection> {
     let subscription = Subscription::start(api, spec).map_err(ApiError::from)?;
-    let every = Duration::from_secs(api.settings.keepalive_secs).min(MAX_KEEPALIVE);
+    let every = Duration::from_secs(api.settings.keepalive_secs);
     let last_write = Instant::now();
     let events = Events {
         subscription,
