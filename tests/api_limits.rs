@@ -482,3 +482,74 @@ async fn random_settings_in_range_start_serve_and_stop_cleanly() {
         );
     }
 }
+
+/// The server's peak resident memory so far, in bytes.
+fn peak_rss(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kib * 1024
+}
+
+#[tokio::test]
+async fn hostile_bodies_are_decoded_in_bounded_memory_while_others_are_served() {
+    let server = Server::start().await;
+    let api = Api::new(&server);
+    let id = api.send("kept", &msg(1)).await;
+    // The largest bodies a default server reads (2 MiB + 64 KiB): a msgpack map holding
+    // an array of nils, and a JSON array of zeros, each one value per byte or two.
+    let limit = 2 * 1024 * 1024 + 64 * 1024;
+    let mut msgpack = b"\x82\xa4type\xa1x\xa1a\xdd".to_vec();
+    let nils = limit - msgpack.len() - 4;
+    msgpack.extend_from_slice(&(nils as u32).to_be_bytes());
+    msgpack.resize(limit, 0xc0);
+    let mut json = br#"{"type":"x","a":[0"#.to_vec();
+    while json.len() < limit - 3 {
+        json.extend_from_slice(b",0");
+    }
+    json.extend_from_slice(b"]}");
+    let before = peak_rss(&server);
+    let mut uploads = Vec::new();
+    for n in 0..8 {
+        let (body, content_type) = if n % 2 == 0 {
+            (msgpack.clone(), "application/msgpack")
+        } else {
+            (json.clone(), "application/json")
+        };
+        let http = client();
+        let url = server.url("/v1/channels/hostile/messages");
+        uploads.push(tokio::spawn(async move {
+            for _ in 0..4 {
+                let response = http
+                    .post(&url)
+                    .header("content-type", content_type)
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    response.status(),
+                    413,
+                    "over max_message_bytes once decoded"
+                );
+            }
+        }));
+    }
+    let p99 = victim_p99(&api, "victim.live", 20).await;
+    for upload in uploads {
+        upload.await.unwrap();
+    }
+    let grew = peak_rss(&server).saturating_sub(before);
+    // At most 4 × the body and 1 MiB for each of the 8 in flight.
+    let bound = 8 * (4 * limit as u64 + (1 << 20));
+    assert!(
+        grew <= bound,
+        "peak RSS grew by {grew} bytes (bound {bound})"
+    );
+    assert!(p99 <= VICTIM_P99, "victim p99 {p99:?}");
+    assert_eq!(api.receive("hostile").await, None);
+    assert_eq!(api.receive("kept").await, Some((id, msg(1))));
+}

@@ -106,13 +106,14 @@ impl PublishRate {
         }))
     }
 
-    /// Takes one publish from `key`'s bucket, or 429 `rate_limited` with the whole
-    /// seconds until the next one is allowed as `Retry-After`.
-    pub(crate) fn take(&self, key: &ClientKey) -> Result<(), ApiError> {
+    /// Takes one publish from the bucket of the client `key` names (asked only when
+    /// there is a limit), or 429 `rate_limited` with the whole seconds until the next
+    /// one is allowed as `Retry-After`.
+    pub(crate) fn take(&self, key: impl FnOnce() -> ClientKey) -> Result<(), ApiError> {
         let Some(limiter) = &self.0 else {
             return Ok(());
         };
-        limiter.check_key(key).map_err(|not_until| {
+        limiter.check_key(&key()).map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             ApiError::new(
@@ -166,12 +167,13 @@ mod tests {
         let alice = ClientKey::Token("alice".into());
         let bob = ClientKey::Token("bob".into());
         for _ in 0..3 {
-            rate.take(&alice).expect("within the burst");
+            rate.take(|| alice.clone()).expect("within the burst");
         }
-        let refused = rate.take(&alice).expect_err("past the burst");
+        let refused = rate.take(|| alice.clone()).expect_err("past the burst");
         assert_eq!(refused.kind, ErrorKind::RateLimited);
         assert_eq!(refused.retry_after, Some(1));
-        rate.take(&bob).expect("another client has its own bucket");
+        rate.take(|| bob)
+            .expect("another client has its own bucket");
     }
 
     #[test]
@@ -179,7 +181,7 @@ mod tests {
         let rate = PublishRate::new(&limits(0, 0));
         let key = ClientKey::Address("127.0.0.1".parse().unwrap());
         for _ in 0..10_000 {
-            rate.take(&key).expect("no limit");
+            rate.take(|| key.clone()).expect("no limit");
         }
     }
 }

@@ -124,7 +124,8 @@ impl Api {
     /// Takes one publish from the caller's rate (`limits.publish_rate_per_sec`): the
     /// token's name counts, else the address the request came from.
     fn take_publish(&self, access: &Access, peer: Option<Peer>) -> Result<(), ApiError> {
-        self.publish_rate.take(&ClientKey::of(access.name(), peer))
+        self.publish_rate
+            .take(|| ClientKey::of(access.name(), peer))
     }
 
     /// Forgets the publish rates of clients that are idle (called now and then).
