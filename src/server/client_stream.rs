@@ -115,12 +115,20 @@ impl ClientStream {
     /// Polls the timer of the stage the connection is in; ready with that stage when
     /// it runs out. Only the idle and head stages are timed.
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<Stage> {
-        self.phase.wake_when_answered(cx.waker());
         let now = self.phase.now();
         let limit = match now.stage() {
             Stage::Idle => self.timing.idle,
             Stage::Head => self.timing.request,
-            Stage::Answering | Stage::Streaming => {
+            Stage::Answering => {
+                // The idle timer starts when the answer ends: be polled again then.
+                self.phase.wake_when_answered(cx.waker());
+                if self.phase.now() != now {
+                    cx.waker().wake_by_ref();
+                }
+                self.deadline = None;
+                return Poll::Pending;
+            }
+            Stage::Streaming => {
                 self.deadline = None;
                 return Poll::Pending;
             }
