@@ -32,6 +32,19 @@ async fn victim_p99(api: &Api, channel: &str, rounds: u64) -> Duration {
     took[(took.len() * 99 / 100).min(took.len() - 1)]
 }
 
+/// Probes run one at a time, so that a victim's latency is its probe's doing and not
+/// another test's.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A server for one probe, with `config`, once no other probe runs. Its writes are
+/// flushed on an interval: the victims measure what the probe costs them, not the
+/// disk's fsync latency.
+async fn start(config: &str) -> (tokio::sync::MutexGuard<'static, ()>, Server) {
+    let turn = ONE_AT_A_TIME.lock().await;
+    let config = format!("{config}\n[storage]\ndurability = \"interval\"\n");
+    (turn, Server::start_with(&config).await)
+}
+
 /// The server's address.
 fn addr(server: &Server) -> SocketAddr {
     server
@@ -72,7 +85,7 @@ fn status_of(answer: &str) -> u16 {
 
 #[tokio::test]
 async fn counts_past_their_limits_get_429_limit_reached_naming_the_key_and_change_nothing() {
-    let server = Server::start_with(
+    let (_one_at_a_time, server) = start(
         "[limits]\nmax_channels = 3\nmax_memberships = 2\n\
          max_subscriptions_per_connection = 2\nmax_groups_per_stream = 2\n",
     )
@@ -148,7 +161,7 @@ async fn counts_past_their_limits_get_429_limit_reached_naming_the_key_and_chang
 
 #[tokio::test]
 async fn a_client_past_its_publish_rate_gets_429_with_retry_after_and_other_clients_do_not() {
-    let server = Server::start_with(
+    let (_one_at_a_time, server) = start(
         "[limits]\npublish_rate_per_sec = 1\npublish_burst = 3\n\
          [auth]\ndefault_access = \"all\"\n\
          [[auth.tokens]]\nname = \"other\"\n\
@@ -190,7 +203,7 @@ async fn a_client_past_its_publish_rate_gets_429_with_retry_after_and_other_clie
 
 #[tokio::test]
 async fn a_head_or_body_that_does_not_come_in_time_gets_408_and_the_connection_closes() {
-    let server = Server::start_with("[server]\nrequest_timeout_secs = 1\n").await;
+    let (_one_at_a_time, server) = start("[server]\nrequest_timeout_secs = 1\n").await;
     let api = Api::new(&server);
     let id = api.send("kept", &msg(1)).await;
     let started = Instant::now();
@@ -223,7 +236,7 @@ async fn a_head_or_body_that_does_not_come_in_time_gets_408_and_the_connection_c
 
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_idle_timeout() {
-    let server = Server::start_with("[server]\nidle_timeout_secs = 1\n").await;
+    let (_one_at_a_time, server) = start("[server]\nidle_timeout_secs = 1\n").await;
     let started = Instant::now();
     let mut silent = connect_from(&server, "127.0.0.1").await;
     let mut kept_alive = connect_from(&server, "127.0.0.1").await;
@@ -243,10 +256,8 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
 
 #[tokio::test]
 async fn connections_take_their_slot_at_accept_and_past_the_limits_are_answered_and_closed() {
-    let server = Server::start_with(
-        "[server]\nmax_connections = 6\n[limits]\nmax_connections_per_client = 3\n",
-    )
-    .await;
+    let (_one_at_a_time, server) =
+        start("[server]\nmax_connections = 6\n[limits]\nmax_connections_per_client = 3\n").await;
     // One client (127.0.0.2) holds its 3 connections, idle, sending nothing.
     let mut idle = Vec::new();
     for _ in 0..3 {
@@ -315,10 +326,8 @@ async fn connections_take_their_slot_at_accept_and_past_the_limits_are_answered_
 
 #[tokio::test]
 async fn a_websocket_client_that_never_reads_is_closed_with_1008_at_its_write_budget() {
-    let server = Server::start_with(
-        "[server]\nslow_consumer_secs = 1\n[limits]\nmax_write_buffer_bytes = 65536\n",
-    )
-    .await;
+    let (_one_at_a_time, server) =
+        start("[server]\nslow_consumer_secs = 1\n[limits]\nmax_write_buffer_bytes = 65536\n").await;
     let api = Api::new(&server);
     let mut ws = Ws::connect(&server).await;
     let pad = "p".repeat(16 * 1024);
@@ -354,7 +363,7 @@ async fn a_websocket_client_that_never_reads_is_closed_with_1008_at_its_write_bu
 
 #[tokio::test]
 async fn a_resume_id_above_every_assigned_id_is_refused_and_errors_quote_little() {
-    let server = Server::start().await;
+    let (_one_at_a_time, server) = start("").await;
     let api = Api::new(&server);
     let id = api.send("resumed", &msg(1)).await;
     let future = (id_num(&id) + 1_000_000).to_string();
@@ -445,6 +454,7 @@ async fn random_settings_in_range_start_serve_and_stop_cleanly() {
     use rand::{Rng, SeedableRng};
     let seed = seed_from_env("HERALD_SETTINGS_SEED");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     for round in 0..4 {
         let mut config = String::new();
         let mut section = "";
@@ -496,7 +506,7 @@ fn peak_rss(server: &Server) -> u64 {
 
 #[tokio::test]
 async fn hostile_bodies_are_decoded_in_bounded_memory_while_others_are_served() {
-    let server = Server::start().await;
+    let (_one_at_a_time, server) = start("").await;
     let api = Api::new(&server);
     let id = api.send("kept", &msg(1)).await;
     // The largest bodies a default server reads (2 MiB + 64 KiB): a msgpack map holding
