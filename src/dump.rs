@@ -38,12 +38,18 @@ fn write_to(
     };
     let file = File::create(&partial).map_err(failed(&partial))?;
     let mut writer = BufWriter::new(file);
-    write(&mut writer)?;
-    writer
-        .into_inner()
-        .map_err(|e| e.into_error())
-        .and_then(|file| file.sync_all())
-        .map_err(failed(&partial))?;
+    let written = write(&mut writer).and_then(|()| {
+        writer
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all())
+            .map_err(failed(&partial))
+    });
+    if let Err(e) = written {
+        // What was written is incomplete: never leave it looking like a dump.
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
     std::fs::rename(&partial, path)
         .and_then(|()| sync_parent(path))
         .map_err(failed(path))
@@ -89,7 +95,7 @@ pub fn import(data_dir: &Path, input: Option<&Path>) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `herald backup`: streams `URL/v1/admin/backup` into `out`.
+/// `herald backup`: streams `URL/v1/admin/backup` into `out` as it arrives.
 pub fn backup(url: &str, out: &Path, token: Option<&str>) -> Result<(), Failure> {
     let base = url.trim_end_matches('/');
     let endpoint = if base.ends_with("/v1/admin/backup") {
@@ -101,7 +107,11 @@ pub fn backup(url: &str, out: &Path, token: Option<&str>) -> Result<(), Failure>
         .enable_all()
         .build()
         .map_err(Failure::Runtime)?;
-    let body = runtime.block_on(async {
+    let read_failed = |source| Failure::BackupRead {
+        endpoint: endpoint.clone(),
+        source,
+    };
+    let mut response = runtime.block_on(async {
         let mut request = reqwest::Client::builder()
             .no_proxy()
             .build()
@@ -118,32 +128,29 @@ pub fn backup(url: &str, out: &Path, token: Option<&str>) -> Result<(), Failure>
                 source,
             })?;
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|source| Failure::BackupRead {
-                endpoint: endpoint.clone(),
-                source,
-            })?;
         if !status.is_success() {
+            let body = response.text().await.map_err(read_failed)?;
             return Err(Failure::Refused {
                 endpoint: endpoint.clone(),
                 status,
-                body: String::from_utf8_lossy(&body).into_owned(),
+                body,
             });
         }
-        Ok(body)
+        Ok(response)
     })?;
+    let mut saved = 0;
     write_to(Some(out), |w| {
-        w.write_all(&body).map_err(|source| Failure::Write {
-            path: out.to_path_buf(),
-            source,
+        runtime.block_on(async {
+            while let Some(chunk) = response.chunk().await.map_err(read_failed)? {
+                w.write_all(&chunk).map_err(|source| Failure::Write {
+                    path: out.to_path_buf(),
+                    source,
+                })?;
+                saved += chunk.len();
+            }
+            Ok(())
         })
     })?;
-    eprintln!(
-        "herald: saved {} bytes of backup to {}",
-        body.len(),
-        out.display()
-    );
+    eprintln!("herald: saved {saved} bytes of backup to {}", out.display());
     Ok(())
 }

@@ -563,3 +563,49 @@ async fn hostile_bodies_are_decoded_in_bounded_memory_while_others_are_served() 
     assert_eq!(api.receive("hostile").await, None);
     assert_eq!(api.receive("kept").await, Some((id, msg(1))));
 }
+
+#[tokio::test]
+async fn backups_stream_in_bounded_memory_without_stalling_sends() {
+    let (_one_at_a_time, server) = start("[layer]\ncapacity = 1000\n").await;
+    let api = Api::new(&server);
+    // 200 messages of 64 KiB: each dump is about 17 MB.
+    let filler = "x".repeat(64 * 1024);
+    for n in 0..200 {
+        api.send("bulk", &json!({"type": "bulk", "n": n, "filler": filler}))
+            .await;
+    }
+    let before = peak_rss(&server);
+    let mut backups = Vec::new();
+    for _ in 0..8 {
+        let request = api.http.get(api.url("/v1/admin/backup"));
+        backups.push(tokio::spawn(async move {
+            let mut response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            let (mut bytes, mut tail) = (0, Vec::new());
+            // A slow reader: the server reads its snapshot only as fast as this.
+            while let Some(chunk) = response.chunk().await.unwrap() {
+                bytes += chunk.len();
+                tail.extend_from_slice(&chunk);
+                tail.drain(..tail.len().saturating_sub(256));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            (bytes, String::from_utf8_lossy(&tail).into_owned())
+        }));
+    }
+    let p99 = victim_p99(&api, "victim.backup", 50).await;
+    for backup in backups {
+        let (bytes, tail) = within(T * 6, "a backup", backup).await.unwrap();
+        assert!(bytes > 17_000_000, "{bytes} bytes");
+        let end = tail.lines().last().unwrap();
+        assert!(end.contains(r#""kind":"end","messages":2"#), "{end}");
+    }
+    let grew = peak_rss(&server).saturating_sub(before);
+    // The 8 dumps together are 8 × 17 MB: held in memory, they would be past this.
+    let bound = 48 << 20;
+    assert!(
+        grew <= bound,
+        "peak RSS grew by {grew} bytes (bound {bound})"
+    );
+    assert!(p99 <= VICTIM_P99, "victim p99 {p99:?}");
+    assert_eq!(api.drain("bulk").await.len(), 200);
+}

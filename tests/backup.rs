@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{Api, Server, Workdir, msg};
+use common::{Api, Server, Workdir, msg, within};
 use serde_json::Value as Json;
 
 fn herald(args: &[&str]) -> Output {
@@ -91,7 +91,7 @@ async fn export_backup_and_import_restore_the_same_state() {
     )
     .unwrap();
     assert_eq!(header["kind"], "header");
-    assert_eq!(header["herald_dump"], 1);
+    assert_eq!(header["herald_dump"], 2);
 
     let from_offline = Workdir::new();
     let import = herald(&[
@@ -194,4 +194,149 @@ async fn import_refuses_a_malformed_dump_with_the_line() {
     let work = Workdir::new();
     let out = herald(&["import", "--data-dir", path(&work.data_dir()), path(&bad)]);
     assert!(out.status.success(), "{out:?}");
+}
+
+/// Large enough that the dump of [`BULK`] of them is many times what loopback socket
+/// buffers hold, so that the server is still reading its snapshot while the test
+/// changes the state.
+const BULK_BYTES: usize = 64 * 1024;
+const BULK: u64 = 400;
+
+#[tokio::test]
+async fn a_backup_streams_the_state_of_its_start_while_changes_go_on() {
+    let work = Workdir::new();
+    let server = Server::start_in(
+        work.clone(),
+        "[layer]\ncapacity = 1000\n[storage]\ndurability = \"interval\"\n",
+    )
+    .await;
+    let api = Api::new(&server);
+    api.group_add("room", "a").await;
+    api.group_add("room", "b").await;
+    for n in 0..3 {
+        api.group_send("room", &msg(n)).await;
+    }
+    // b keeps its three group messages: pins, stored after every message.
+    api.group_discard("room", "b").await;
+    let filler = "x".repeat(BULK_BYTES);
+    let mut sent = Vec::new();
+    for n in 0..BULK {
+        let body = serde_json::json!({"type": "bulk", "n": n, "filler": filler});
+        sent.push(api.send("bulk", &body).await);
+    }
+
+    let mut backup = api
+        .http
+        .get(api.url("/v1/admin/backup"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(backup.status(), 200);
+    let mut dump = backup.chunk().await.unwrap().unwrap().to_vec();
+    // Past what the server read so far: new pins (a leaves with three messages), a
+    // membership, messages; and a receive.
+    api.group_discard("room", "a").await;
+    api.group_add("room", "late").await;
+    for n in 0..3 {
+        api.send("bulk", &msg(100 + n)).await;
+    }
+    api.receive("bulk").await.unwrap();
+    while let Some(chunk) = within(common::T * 4, "the backup", backup.chunk())
+        .await
+        .unwrap()
+    {
+        dump.extend_from_slice(&chunk);
+    }
+    let lines: Vec<Json> = String::from_utf8(dump)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of_kind = |kind: &'static str| lines.iter().filter(move |l| l["kind"] == kind);
+    let ids: Vec<String> = of_kind("message")
+        .map(|l| l["id"].as_u64().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3 + BULK as usize);
+    assert_eq!(&ids[3..], &sent[..], "the messages sent before, none after");
+    let members: Vec<&Json> = of_kind("membership").map(|l| &l["channel"]).collect();
+    assert_eq!(members, ["a"]);
+    let pinned: Vec<&Json> = of_kind("reference").map(|l| &l["channel"]).collect();
+    assert_eq!(pinned, ["b", "b", "b"], "b's pins, not a's later ones");
+    let end = lines.last().unwrap();
+    assert_eq!(end["kind"], "end");
+    assert_eq!(end["messages"], 3 + BULK);
+    assert_eq!(end["references"], 3);
+
+    // Restored, it is the state at the start: nothing of bulk was received then.
+    let dumps = tempfile::tempdir().unwrap();
+    let file = dumps.path().join("dump.ndjson");
+    let text: Vec<String> = lines.iter().map(Json::to_string).collect();
+    std::fs::write(&file, text.join("\n") + "\n").unwrap();
+    let restored = Workdir::new();
+    let import = herald(&[
+        "import",
+        "--data-dir",
+        path(&restored.data_dir()),
+        path(&file),
+    ]);
+    assert!(import.status.success(), "{import:?}");
+    let server = Server::start_in(restored, "").await;
+    let api = Api::new(&server);
+    assert_eq!(api.members("room").await, ["a"]);
+    assert_eq!(api.drain("b").await.len(), 3);
+    assert_eq!(api.drain("a").await.len(), 3);
+    let bulk: Vec<String> = api
+        .drain("bulk")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(bulk, sent);
+}
+
+#[tokio::test]
+async fn import_refuses_a_dump_cut_short() {
+    let server = Server::start().await;
+    let api = Api::new(&server);
+    for n in 0..3 {
+        api.send("c", &msg(n)).await;
+    }
+    let dump = api
+        .http
+        .get(api.url("/v1/admin/backup"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<&str> = dump.lines().collect();
+    assert!(lines.last().unwrap().contains("\"kind\":\"end\""), "{dump}");
+    let dumps = tempfile::tempdir().unwrap();
+    let file = dumps.path().join("cut.ndjson");
+    let import = |text: String| {
+        std::fs::write(&file, text).unwrap();
+        herald(&[
+            "import",
+            "--data-dir",
+            path(&Workdir::new().data_dir()),
+            path(&file),
+        ])
+    };
+    let cut = import(lines[..lines.len() - 1].join("\n"));
+    assert!(!cut.status.success());
+    assert!(
+        String::from_utf8_lossy(&cut.stderr).contains("cut short"),
+        "{cut:?}"
+    );
+    // A line dropped from the middle: the end line's counts tell.
+    let mut altered = lines.clone();
+    altered.remove(2);
+    let altered = import(altered.join("\n"));
+    assert!(!altered.status.success());
+    assert!(
+        String::from_utf8_lossy(&altered.stderr).contains("end line"),
+        "{altered:?}"
+    );
+    assert!(import(dump).status.success());
 }

@@ -5,16 +5,17 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::Serialize;
 
-use warp::Rejection;
 use warp::http::StatusCode;
 use warp::reply::Response;
+use warp::{Rejection, Reply};
 
 use super::access::Credentials;
 use super::error::{ApiError, ErrorKind, quoted};
 use super::reply::{ChannelReply, Format, GroupSent, Id, empty, respond};
-use super::{Api, MessageBody, Peer, Query};
+use super::{Api, MessageBody, Peer, Query, blocking};
 use crate::auth::{Need, Target};
 use crate::layer::{GroupInfo, PageRequest};
 
@@ -329,28 +330,52 @@ pub async fn group_send(
     ))
 }
 
-/// GET /v1/admin/backup: a consistent dump of everything, one JSON object per line.
+/// GET /v1/admin/backup: a consistent dump of everything, one JSON object per line,
+/// streamed: each chunk is read from the store only once the client took the last.
 pub async fn backup(credentials: Credentials, api: Api) -> Result<Response, Rejection> {
     api.authorize(&credentials, &[Need::Admin])?;
     api.admit()?;
     let layer = api.layer.clone();
-    let dump = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        layer.backup(&mut out).map(|_| out)
-    })
-    .await
-    .map_err(|e| {
-        tracing::error!(error = %e, "backup task failed");
-        ApiError::new(ErrorKind::Internal, "the backup failed")
-    })?
-    .map_err(ApiError::from)?;
-    let mut response = Response::new(dump.into());
+    let backup = blocking(move || layer.backup())
+        .await?
+        .map_err(ApiError::from)?;
+    let chunks = futures_util::stream::try_unfold(backup, |mut backup| async move {
+        let (backup, chunk) = blocking(move || {
+            let chunk = backup.next_chunk();
+            (backup, chunk)
+        })
+        .await
+        .map_err(|_| BackupFailed("the backup task failed".into()))?;
+        match chunk {
+            Ok(Some(chunk)) => Ok(Some((Bytes::from(chunk), backup))),
+            Ok(None) => {
+                let stats = backup.stats();
+                tracing::info!(
+                    messages = stats.messages,
+                    memberships = stats.memberships,
+                    "backup sent"
+                );
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "backup interrupted");
+                Err(BackupFailed(e.to_string()))
+            }
+        }
+    });
+    let mut response = warp::reply::stream(chunks).into_response();
     response.headers_mut().insert(
         warp::http::header::CONTENT_TYPE,
         warp::http::HeaderValue::from_static("application/x-ndjson"),
     );
     Ok(response)
 }
+
+/// Why a backup stream stopped: the response then ends without its last chunk, so the
+/// client sees the dump cut short.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BackupFailed(String);
 
 /// POST /v1/flush
 pub async fn flush(credentials: Credentials, api: Api) -> Result<Response, Rejection> {

@@ -232,12 +232,18 @@ impl MessageBody {
         // A large body is decoded off the request threads, so that it never holds up
         // the other connections they serve.
         let default_type = api.default_type().map(str::to_string);
-        tokio::task::spawn_blocking(move || {
-            body::decode_message(kind, &bytes, default_type.as_deref())
-        })
-        .await
-        .map_err(|_| ApiError::new(ErrorKind::Internal, "decoding the body failed"))?
+        blocking(move || body::decode_message(kind, &bytes, default_type.as_deref())).await?
     }
+}
+
+/// Runs blocking work on the blocking pool; a task that panicked is a 500.
+pub(super) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        tracing::error!(error = %e, "a blocking task failed");
+        ApiError::new(ErrorKind::Internal, "the operation failed")
+    })
 }
 
 /// Bodies up to this size are decoded where they are read; larger ones on the blocking

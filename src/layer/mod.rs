@@ -46,6 +46,7 @@ use state::{Channel, Channels, Entry, State, Tally};
 
 pub use introspect::{ChannelInfo, GroupInfo, Page, PageRequest, Stats};
 pub use receive::{Receiver, Revoker};
+pub use sweep::Backup;
 
 /// Why a layer operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use super::groups::remove_member;
 use super::state::{State, saturating_ms};
 use super::{ChannelLayer, Error, Inner, SweepReport};
-use crate::store::dump::DumpStats;
+use crate::store::dump::{DumpStats, Export};
 use crate::store::{Store, WriteBatch};
 
 impl ChannelLayer {
@@ -35,15 +35,33 @@ impl ChannelLayer {
         Ok(self.inner.store.flush_blocking()?)
     }
 
-    /// Writes a consistent dump of everything to `out` (see [`crate::store::dump`]):
-    /// current receive cursors first, then every record, while operations wait.
-    /// Blocking: call it from `spawn_blocking`.
-    pub fn backup(&self, out: &mut impl std::io::Write) -> Result<DumpStats, Error> {
+    /// Starts a consistent dump of everything (see [`crate::store::dump`]): writes the
+    /// current receive cursors and the messages not yet in sled while operations wait,
+    /// then leaves the dump to be read a chunk at a time while they go on. Blocking:
+    /// call it from `spawn_blocking`.
+    pub fn backup(&self) -> Result<Backup, Error> {
         let inner = &*self.inner;
         let mut state = inner.state.lock();
         inner.write_cursors(&mut state, true)?;
         inner.store.write_pending()?;
-        Ok(inner.store.export(inner.clock.now_ms(), out)?)
+        Ok(Backup(inner.store.start_export(inner.clock.now_ms())?))
+    }
+}
+
+/// A backup in progress ([`ChannelLayer::backup`]): the state of one instant, as dump
+/// lines.
+pub struct Backup(Export);
+
+impl Backup {
+    /// The next lines (at most about 64 KiB of records), `None` after the last.
+    /// Blocking: call it from `spawn_blocking`.
+    pub fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.0.next_chunk()?)
+    }
+
+    /// What was written so far.
+    pub fn stats(&self) -> DumpStats {
+        self.0.stats()
     }
 }
 

@@ -9,7 +9,8 @@ use super::record::MessageBatch;
 #[derive(Default)]
 pub struct WriteBatch {
     batch: sled::Batch,
-    changes: usize,
+    /// The keys changed, for the open snapshots ([`Store::apply`](super::Store::apply)).
+    keys: Vec<sled::IVec>,
 }
 
 impl WriteBatch {
@@ -49,7 +50,7 @@ impl WriteBatch {
 
     /// Whether the batch changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.changes == 0
+        self.keys.is_empty()
     }
 
     /// Stores message records under the key of the batch's first id.
@@ -58,16 +59,19 @@ impl WriteBatch {
     }
 
     pub(super) fn insert(&mut self, key: &[u8], value: &[u8]) {
-        self.batch.insert(key, value);
-        self.changes += 1;
+        let key = sled::IVec::from(key);
+        self.batch.insert(key.clone(), value);
+        self.keys.push(key);
     }
 
     pub(super) fn remove(&mut self, key: &[u8]) {
-        self.batch.remove(key);
-        self.changes += 1;
+        let key = sled::IVec::from(key);
+        self.batch.remove(key.clone());
+        self.keys.push(key);
     }
 
-    pub(super) fn into_sled(self) -> sled::Batch {
-        self.batch
+    /// The keys changed, and the batch for sled.
+    pub(super) fn into_sled(self) -> (Vec<sled::IVec>, sled::Batch) {
+        (self.keys, self.batch)
     }
 }

@@ -155,6 +155,16 @@ impl Handle {
         }
     }
 
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Counts the reopens: what was read before one may not match what is read after.
+    pub fn generation(&self) -> u64 {
+        self.current.read().generation
+    }
+
     /// A clone of the database, for iterators that outlive a call; an iterator keeps
     /// its `Db` open, so a reopen waits for it to be dropped.
     pub fn db(&self) -> Result<sled::Db, StoreError> {

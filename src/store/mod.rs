@@ -26,6 +26,7 @@ mod keys;
 mod migrate;
 pub(crate) mod record;
 mod recovery;
+mod snapshot;
 mod space;
 mod sweep;
 mod watermark;
@@ -104,6 +105,9 @@ pub enum StoreError {
     /// A dump could not be written to its destination.
     #[error("writing the dump: {0}")]
     Dump(#[source] io::Error),
+    /// A snapshot (a dump in progress) could no longer be read consistently.
+    #[error("the dump was interrupted: {cause}")]
+    Interrupted { cause: &'static str },
 }
 
 impl From<sled::Error> for StoreError {
@@ -215,6 +219,7 @@ pub struct Store {
     /// What was lost, when opened with [`OnDataLoss::Accept`] on a damaged log.
     data_loss: Option<String>,
     space: space::Space,
+    snapshots: Arc<snapshot::Snapshots>,
 }
 
 impl Store {
@@ -317,6 +322,7 @@ impl Store {
             lost,
             data_loss,
             space: space::Space::default(),
+            snapshots: Arc::default(),
         })
     }
 
@@ -373,8 +379,14 @@ impl Store {
 
     /// Applies a batch atomically.
     pub fn apply(&self, batch: WriteBatch) -> Result<Ticket, StoreError> {
+        let (keys, batch) = batch.into_sled();
+        self.preserving(&keys, || self.apply_sled(batch))
+    }
+
+    /// Applies a batch atomically, ignoring the open snapshots.
+    fn apply_sled(&self, batch: sled::Batch) -> Result<Ticket, StoreError> {
         self.db.write(|db| {
-            db.apply_batch(batch.into_sled())?;
+            db.apply_batch(batch)?;
             Ok(self.written())
         })
     }
@@ -382,6 +394,7 @@ impl Store {
     /// Deletes everything but the format version, and sets the lost watermark
     /// ([`keys::LOST`]) to `lost_upto` in the same write.
     pub fn clear(&self, lost_upto: u64) -> Result<Ticket, StoreError> {
+        self.void_snapshots("everything stored was flushed meanwhile");
         let _drain = self.flusher.drain.lock();
         self.flusher.batches.lock().clear();
         let mark = self.flusher.mark();

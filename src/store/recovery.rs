@@ -1,6 +1,8 @@
 //! The one typed read of everything stored: what the layer rebuilds its state from at
 //! open, and what an export writes. One decoder per record kind, here.
 
+use std::path::Path;
+
 use super::keys;
 use super::record::{MessageBatch, Record};
 use super::{Store, StoreError};
@@ -31,32 +33,39 @@ impl Store {
     /// group message's recipients), then the messages in id order. A record that cannot
     /// be decoded is a [`StoreError::Corrupt`] item.
     pub(crate) fn recover(&self) -> impl Iterator<Item = Result<Stored, StoreError>> + use<> {
-        let kind = |prefix: u8, what: Damaged, decode: fn(&[u8], &[u8]) -> Option<Stored>| {
-            self.scan(&[prefix])
-                .map(move |item| item.map(|(key, value)| decode(&key, &value).ok_or(what)))
-        };
-        // A batch holds at most `MAX_BATCH_BYTES`: decoding one at a time is cheap.
-        let messages = self.scan(&[keys::MESSAGE]).flat_map(|item| match item {
-            Err(e) => vec![Err(e)],
-            Ok((_, value)) => MessageBatch::decode(&value)
-                .map(|record| {
-                    Ok(record
-                        .map(|(id, record)| Stored::Message { id, record })
-                        .ok_or("message"))
-                })
-                .collect(),
-        });
         let path = self.path().to_path_buf();
-        kind(keys::MEMBERSHIP, "membership", membership)
-            .chain(kind(keys::CURSOR, "cursor", cursor))
-            .chain(kind(keys::REF, "reference", pin))
-            .chain(messages)
-            .map(move |item| {
-                item?.map_err(|what| StoreError::Corrupt {
-                    path: path.clone(),
-                    detail: format!("unreadable {what} record"),
-                })
+        [keys::MEMBERSHIP, keys::CURSOR, keys::REF, keys::MESSAGE]
+            .map(|prefix| self.scan(&[prefix]))
+            .into_iter()
+            .flatten()
+            .flat_map(move |item| match item {
+                Err(e) => vec![Err(e)],
+                Ok((key, value)) => decode(&path, &key, &value),
             })
+    }
+}
+
+/// The records one stored entry holds (several for a message batch, none for the keys
+/// that hold no record: the format version, the watermarks, the id floor).
+pub(super) fn decode(path: &Path, key: &[u8], value: &[u8]) -> Vec<Result<Stored, StoreError>> {
+    let damaged = |what: Damaged| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!("unreadable {what} record"),
+    };
+    let one = |record: Option<Stored>, what| vec![record.ok_or_else(|| damaged(what))];
+    match key.first() {
+        Some(&keys::MEMBERSHIP) => one(membership(key, value), "membership"),
+        Some(&keys::CURSOR) => one(cursor(key, value), "cursor"),
+        Some(&keys::REF) => one(pin(key), "reference"),
+        // A batch holds at most `MAX_BATCH_BYTES`: decoding one at a time is cheap.
+        Some(&keys::MESSAGE) => MessageBatch::decode(value)
+            .map(|record| {
+                record
+                    .map(|(id, record)| Stored::Message { id, record })
+                    .ok_or_else(|| damaged("message"))
+            })
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -78,7 +87,7 @@ fn cursor(key: &[u8], value: &[u8]) -> Option<Stored> {
     })
 }
 
-fn pin(key: &[u8], _: &[u8]) -> Option<Stored> {
+fn pin(key: &[u8]) -> Option<Stored> {
     let (id, channel) = keys::reference_parts(key)?;
     Some(Stored::Pin {
         id,

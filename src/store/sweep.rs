@@ -27,8 +27,12 @@ impl Store {
     /// Deletes, in one atomic write, the oldest stored messages sent before
     /// `cutoff_ms` (up to [`ROUND_BATCHES`] batches of them), the pins of their ids,
     /// and the cursors below the first id kept; raises the lost watermark
-    /// ([`Store::lost_upto`]) to the highest deleted id.
+    /// ([`Store::lost_upto`]) to the highest deleted id. Deletes nothing while a
+    /// snapshot is open (a dump reads those records): the next sweep catches up.
     pub(crate) fn delete_sent_before(&self, cutoff_ms: u64) -> Result<Deleted, StoreError> {
+        if self.snapshots_open() {
+            return Ok(Deleted::default());
+        }
         let mut batch = WriteBatch::default();
         let mut deleted = Deleted::default();
         let mut batches = 0;
@@ -68,7 +72,9 @@ impl Store {
             }
         }
         batch.insert(keys::LOST, &keys::encode_u64(lost_upto));
-        self.apply(batch)?;
+        if self.apply_unless_snapshot(batch)?.is_none() {
+            return Ok(Deleted::default());
+        }
         self.lost.fetch_max(lost_upto, Ordering::SeqCst);
         Ok(deleted)
     }
