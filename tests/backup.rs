@@ -292,6 +292,34 @@ async fn a_backup_streams_the_state_of_its_start_while_changes_go_on() {
         .map(|(id, _)| id)
         .collect();
     assert_eq!(bulk, sent);
+
+    // A flush while a backup streams interrupts it: its response ends cut short.
+    let filler = "x".repeat(BULK_BYTES);
+    for n in 0..BULK {
+        let body = serde_json::json!({"type": "bulk", "n": n, "filler": filler});
+        api.send(&format!("bulk.{}", n % 4), &body).await;
+    }
+    let mut backup = api
+        .http
+        .get(api.url("/v1/admin/backup"))
+        .send()
+        .await
+        .unwrap();
+    backup.chunk().await.unwrap().unwrap();
+    let flush = api.http.post(api.url("/v1/flush")).send().await.unwrap();
+    assert_eq!(flush.status(), 204);
+    let mut ended = None;
+    while ended.is_none() {
+        match within(common::T * 4, "the backup", backup.chunk()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => ended = Some(Ok(())),
+            Err(e) => ended = Some(Err(e)),
+        }
+    }
+    assert!(
+        ended.unwrap().is_err(),
+        "the interrupted backup ended as if complete"
+    );
 }
 
 #[tokio::test]
