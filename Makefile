@@ -1,7 +1,7 @@
 # Herald: the two commands a newcomer needs are `make run` and `make test`.
 CARGO ?= cargo
 
-.PHONY: run test soak lint bench bench-load bench-publish bench-auth bench-compare clean
+.PHONY: run test soak lint bench bench-load bench-publish bench-auth bench-hostile bench-compare clean
 
 # The peers' benchmark harness (Django Channels + Redis, warp hello), beside the project.
 SHARED ?= ../shared
@@ -46,14 +46,21 @@ bench-publish:
 bench-auth:
 	bash benches/wrk-auth.sh
 
+## Hostile clients at scale (benches/hostile.py): listings, stats, backups and hostile
+## uploads against a release server holding 200,000 channels, with a victim's latencies.
+bench-hostile:
+	$(CARGO) build --release
+	python3 benches/hostile.py --herald-bin target/release/herald
+
 ## Side-by-side comparison with the peers (warp hello, Django Channels + Redis) under the
 ## same load and pinning, with ratios ($(SHARED)/bench). The harness publishes JSON
-## without a "type", so Herald runs with --default-message-type.
+## without a "type", so Herald runs with --default-message-type; all its clients share
+## one address, so Herald allows them all (limits.max_connections_per_client).
 bench-compare:
 	$(CARGO) build --release
 	bash $(SHARED)/bench/setup.sh
 	HERALD_BIN=$(CURDIR)/target/release/herald HERALD_ARGS="--default-message-type notify" \
-		bash $(SHARED)/bench/compare.sh
+		HERALD_LIMITS__MAX_CONNECTIONS_PER_CLIENT=1000000 bash $(SHARED)/bench/compare.sh
 
 clean:
 	$(CARGO) clean

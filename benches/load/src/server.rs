@@ -10,6 +10,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 
 /// How long a started server may take to print its address.
+/// The setting of `limits.max_connections_per_client` for the servers the bench starts.
+const PER_CLIENT_ENV: &str = "HERALD_LIMITS__MAX_CONNECTIONS_PER_CLIENT";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a server may take to exit after SIGTERM before it gets SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -90,6 +92,11 @@ impl Server {
         }
         let log = std::fs::File::create(dir.path().join("server.log"))
             .map_err(|e| format!("cannot create the server log: {e}"))?;
+        // The bench is one client address holding thousands of connections: its servers
+        // allow that unless the environment says otherwise.
+        if std::env::var_os(PER_CLIENT_ENV).is_none() {
+            cmd.env(PER_CLIENT_ENV, "1000000");
+        }
         cmd.env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
