@@ -609,3 +609,51 @@ async fn backups_stream_in_bounded_memory_without_stalling_sends() {
     assert!(p99 <= VICTIM_P99, "victim p99 {p99:?}");
     assert_eq!(api.drain("bulk").await.len(), 200);
 }
+
+#[tokio::test]
+async fn hostile_websocket_frames_are_decoded_in_bounded_memory() {
+    let (_one_at_a_time, server) = start("").await;
+    let api = Api::new(&server);
+    // A send whose message is a map holding an array of nils, the largest frame a
+    // default server reads; and its JSON form, an array of zeros.
+    let limit = 2 * 1024 * 1024 + 64 * 1024;
+    let mut msgpack =
+        b"\x83\xa2op\xa4send\xa7channel\xa7hostile\xa7message\x82\xa4type\xa1x\xa1a\xdd".to_vec();
+    let nils = limit - msgpack.len() - 4;
+    msgpack.extend_from_slice(&(nils as u32).to_be_bytes());
+    msgpack.resize(limit, 0xc0);
+    let mut json = br#"{"op":"send","channel":"hostile","message":{"type":"x","a":[0"#.to_vec();
+    while json.len() < limit - 4 {
+        json.extend_from_slice(b",0");
+    }
+    json.extend_from_slice(b"]}}");
+    let before = peak_rss(&server);
+    let mut clients = Vec::new();
+    for n in 0..8 {
+        let frame = if n % 2 == 0 {
+            WsFrame::binary(msgpack.clone())
+        } else {
+            WsFrame::text(String::from_utf8(json.clone()).unwrap())
+        };
+        let mut ws = Ws::connect(&server).await;
+        clients.push(tokio::spawn(async move {
+            for _ in 0..4 {
+                ws.send_frame(frame.clone()).await;
+                let reply = format!("{:?}", ws.next().await);
+                assert!(reply.contains("message_too_large"), "{reply}");
+            }
+        }));
+    }
+    let p99 = victim_p99(&api, "victim.ws", 20).await;
+    for client in clients {
+        within(T * 4, "a hostile client", client).await.unwrap();
+    }
+    let grew = peak_rss(&server).saturating_sub(before);
+    let bound = 8 * (4 * limit as u64 + (1 << 20));
+    assert!(
+        grew <= bound,
+        "peak RSS grew by {grew} bytes (bound {bound})"
+    );
+    assert!(p99 <= VICTIM_P99, "victim p99 {p99:?}");
+    assert_eq!(api.receive("hostile").await, None);
+}

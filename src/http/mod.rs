@@ -248,7 +248,7 @@ pub(super) async fn blocking<T: Send + 'static>(
 
 /// Bodies up to this size are decoded where they are read; larger ones on the blocking
 /// pool.
-const DECODE_INLINE_BYTES: usize = 64 * 1024;
+pub(super) const DECODE_INLINE_BYTES: usize = 64 * 1024;
 
 /// The request's message body, unread.
 fn message_body() -> impl Filter<Extract = (MessageBody,), Error = Rejection> + Clone {

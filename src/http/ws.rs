@@ -34,10 +34,10 @@ use super::error::{ApiError, ErrorKind, quoted};
 use super::handlers::{membership, parse_wait};
 use super::reply::{ChannelReply, Echo, Format, Gap, GroupSent, Id};
 use super::subscription::{Push, Spec, Subscription, resume_point};
-use super::{Api, Peer};
+use super::{Api, DECODE_INLINE_BYTES, Peer, blocking};
 use crate::auth::{Held, Need, Target};
 use crate::layer::Revoker;
-use crate::message::{Message, parse_json_at};
+use crate::message::{MAX_FIELD_BYTES, Message, Request as FieldsOf, parse_json_at};
 
 /// Frames waiting to be written to one socket.
 const OUTBOX: usize = 64;
@@ -185,72 +185,66 @@ fn close_frame(code: u16, reason: &'static str) -> Frame {
     }))
 }
 
-/// One request, decoded.
+/// One request, decoded (its message left as msgpack bytes, see
+/// [`crate::message::Request`]).
 struct Request {
     format: Format,
     reference: Option<Value>,
-    fields: Vec<(Value, Value)>,
+    fields: Vec<(String, Value)>,
+    /// The `"message"`, checked (a map without a type got the default type).
+    message: Option<Result<Message, ApiError>>,
 }
 
+/// A decoded frame: a request, or an error with the format to answer in and the `ref`
+/// to echo; `None` for frames that carry no request (pings).
+type Decoded = Option<Result<Request, (Format, Option<Value>, ApiError)>>;
+
 impl Request {
-    /// The request, or an error with the format to answer in and the `ref` to echo.
-    #[allow(clippy::type_complexity)]
-    fn decode(frame: &Frame) -> Option<Result<Request, (Format, Option<Value>, ApiError)>> {
-        let malformed = |e: String| ApiError::new(ErrorKind::InvalidBody, e);
-        let mut early_ref = None;
-        let (format, parsed) = if let Frame::Text(text) = frame {
-            // The frame is one level above its message: start at depth 0.
-            let parsed = parse_json_at(text.as_bytes(), 0).map_err(|e| {
-                early_ref = json_ref(text.as_bytes());
-                ApiError::from(e)
-            });
-            (Format::Json, parsed)
-        } else if let Frame::Binary(bytes) = frame {
-            let mut bytes = &bytes[..];
-            let parsed = match rmpv::decode::read_value_with_max_depth(&mut bytes, 80) {
-                Ok(_) if !bytes.is_empty() => Err(malformed(
-                    "malformed msgpack: trailing bytes after the request".into(),
-                )),
-                Ok(value) => Ok(value),
-                Err(rmpv::decode::Error::DepthLimitExceeded) => Err(ApiError::new(
-                    ErrorKind::InvalidMessage,
-                    "the request nests too deeply",
-                )),
-                Err(e) => Err(malformed(format!("malformed msgpack: {e}"))),
-            };
-            (Format::Msgpack, parsed)
-        } else {
-            return None;
+    /// Decodes `frame` (on the blocking pool if it is large, so that it never holds up
+    /// the connections this thread serves).
+    async fn decode_off_thread(frame: Frame, default_type: Option<String>) -> Decoded {
+        if frame.len() <= DECODE_INLINE_BYTES {
+            return Request::decode(&frame, default_type.as_deref());
+        }
+        let decoded = blocking(move || Request::decode(&frame, default_type.as_deref())).await;
+        decoded.unwrap_or_else(|e| Some(Err((Format::Json, None, e))))
+    }
+
+    /// The request in `frame`; a message without a type gets `default_type`.
+    fn decode(frame: &Frame, default_type: Option<&str>) -> Decoded {
+        let (format, parsed) = match frame {
+            Frame::Text(text) => (
+                Format::Json,
+                FieldsOf::from_json(text.as_bytes()).map_err(|e| (json_ref(text.as_bytes()), e)),
+            ),
+            Frame::Binary(bytes) => (
+                Format::Msgpack,
+                FieldsOf::from_msgpack(bytes.clone()).map_err(|e| (None, e)),
+            ),
+            _ => return None,
         };
         Some(match parsed {
-            Ok(Value::Map(fields)) => {
+            Ok(FieldsOf { fields, message }) => {
                 let reference = fields
                     .iter()
-                    .find(|(k, _)| k.as_str() == Some("ref"))
+                    .find(|(k, _)| k == "ref")
                     .map(|(_, v)| v.clone());
+                let message = message.map(|bytes| {
+                    Message::decode_msgpack_bytes(bytes, default_type).map_err(ApiError::from)
+                });
                 Ok(Request {
                     format,
                     reference,
                     fields,
+                    message,
                 })
             }
-            Ok(_) => Err((
-                format,
-                None,
-                ApiError::new(
-                    ErrorKind::InvalidBody,
-                    "a request must be a map with an \"op\"",
-                ),
-            )),
-            Err(e) => Err((format, early_ref, e)),
+            Err((reference, e)) => Err((format, reference, ApiError::from(e))),
         })
     }
 
     fn get(&self, key: &str) -> Option<&Value> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k.as_str() == Some(key))
-            .map(|(_, v)| v)
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
     fn str(&self, key: &str) -> Result<&str, ApiError> {
@@ -284,12 +278,14 @@ impl Request {
         }
     }
 
-    /// The request's `"message"`; a map without a type gets `default_type` if given.
-    fn message(&self, default_type: Option<&str>) -> Result<Message, ApiError> {
-        let value = self
-            .get("message")
-            .ok_or_else(|| ApiError::new(ErrorKind::InvalidMessage, "\"message\" is missing"))?;
-        Ok(Message::decode_value(value, default_type)?)
+    /// The request's `"message"`.
+    fn message(&self) -> Result<Message, ApiError> {
+        self.message.clone().unwrap_or_else(|| {
+            Err(ApiError::new(
+                ErrorKind::InvalidMessage,
+                "\"message\" is missing",
+            ))
+        })
     }
 }
 
@@ -354,9 +350,12 @@ struct JsonRef<'a> {
 }
 
 /// The `ref` of a JSON request that was refused as a whole (a message nested too deep),
-/// so that the refusal can still echo it.
+/// so that the refusal can still echo it, if it is small enough to echo.
 fn json_ref(text: &[u8]) -> Option<Value> {
     let raw = serde_json::from_slice::<JsonRef>(text).ok()?.reference?;
+    if raw.get().len() > MAX_FIELD_BYTES {
+        return None;
+    }
     parse_json_at(raw.get().as_bytes(), 1).ok()
 }
 
@@ -457,6 +456,7 @@ async fn serve(api: Api, socket: Socket, token: Option<String>, peer: Option<Pee
         receives: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_RECEIVES)),
         closed: CancellationToken::new(),
     };
+    let default_type = api.default_type().map(str::to_string);
     loop {
         let next = tokio::select! {
             _ = api.shutdown.cancelled() => {
@@ -477,19 +477,22 @@ async fn serve(api: Api, socket: Socket, token: Option<String>, peer: Option<Pee
             }
             Some(Err(_)) => break,
             Some(Ok(frame)) if frame.is_close() => break,
-            Some(Ok(frame)) => match Request::decode(&frame) {
-                None => {}
-                Some(Err((format, reference, error))) => {
-                    let reply = error_frame(format, reference.as_ref(), &error);
-                    let _ = conn.outbox.send(reply).await;
-                }
-                Some(Ok(request)) => {
-                    if let Err(error) = conn.handle(&request).await {
-                        let reply = error_frame(request.format, request.reference.as_ref(), &error);
+            Some(Ok(frame)) => {
+                match Request::decode_off_thread(frame, default_type.clone()).await {
+                    None => {}
+                    Some(Err((format, reference, error))) => {
+                        let reply = error_frame(format, reference.as_ref(), &error);
                         let _ = conn.outbox.send(reply).await;
                     }
+                    Some(Ok(request)) => {
+                        if let Err(error) = conn.handle(&request).await {
+                            let reply =
+                                error_frame(request.format, request.reference.as_ref(), &error);
+                            let _ = conn.outbox.send(reply).await;
+                        }
+                    }
                 }
-            },
+            }
         }
     }
     conn.closed.cancel();
@@ -527,18 +530,14 @@ impl Connection {
                 let access =
                     self.authorize(&[Need::Publish(Target::Channel(channel.to_string()))])?;
                 self.api.take_publish(&access, self.peer)?;
-                let id = layer
-                    .send(channel, request.message(self.api.default_type())?)
-                    .await?;
+                let id = layer.send(channel, request.message()?).await?;
                 self.ok(request, Acked { id: Id(id) }).await;
             }
             "group_send" => {
                 let group = request.str("group")?;
                 let access = self.authorize(&[Need::Publish(Target::Group(group.to_string()))])?;
                 self.api.take_publish(&access, self.peer)?;
-                let report = layer
-                    .group_send(group, request.message(self.api.default_type())?)
-                    .await?;
+                let report = layer.group_send(group, request.message()?).await?;
                 let sent = GroupSent {
                     group: None,
                     delivered: report.delivered,
@@ -729,8 +728,8 @@ mod tests {
             bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
             text in "\\PC{0,256}",
         ) {
-            let _ = Request::decode(&Frame::binary(bytes));
-            let _ = Request::decode(&Frame::text(text));
+            let _ = Request::decode(&Frame::binary(bytes), Some("t"));
+            let _ = Request::decode(&Frame::text(text), None);
         }
 
         #[test]
@@ -739,8 +738,8 @@ mod tests {
                 br#"{"op":"subscribe","ref":[1,{"a":null}],"channel":"c","last_event_id":"7","message":{"type":"x"}}"#,
                 &edits,
             );
-            let _ = Request::decode(&Frame::binary(request.clone()));
-            let _ = Request::decode(&Frame::text(String::from_utf8_lossy(&request).into_owned()));
+            let _ = Request::decode(&Frame::binary(request.clone()), Some("t"));
+            let _ = Request::decode(&Frame::text(String::from_utf8_lossy(&request).into_owned()), None);
         }
     }
 }

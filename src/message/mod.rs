@@ -132,16 +132,12 @@ impl Message {
         Message::checked(transcode::json_to_msgpack(bytes, 1)?.into(), default_type)
     }
 
-    /// [`Message::from_value`], except that a map without a `"type"` gets
-    /// `default_type` (when given) instead of being refused.
-    pub(crate) fn decode_value(
-        value: &Value,
+    /// [`Message::from_msgpack`] of bytes already owned, without copying them.
+    pub(crate) fn decode_msgpack_bytes(
+        bytes: Bytes,
         default_type: Option<&str>,
     ) -> Result<Self, MessageError> {
-        match default_type.and_then(|t| with_type(value, t)) {
-            Some(typed) => Message::from_value(&typed),
-            None => Message::from_value(value),
-        }
+        Message::checked(bytes, default_type)
     }
 
     /// The message `{"type": "text", "text": text}` for plain-text publishes.
@@ -189,18 +185,6 @@ impl Message {
     }
 }
 
-/// `value` with `"type": default_type` put first, if it is a map without a `"type"`.
-fn with_type(value: &Value, default_type: &str) -> Option<Value> {
-    let entries = value.as_map()?;
-    if entries.iter().any(|(k, _)| k.as_str() == Some("type")) {
-        return None;
-    }
-    let mut typed = Vec::with_capacity(entries.len() + 1);
-    typed.push((Value::from("type"), Value::from(default_type)));
-    typed.extend(entries.iter().cloned());
-    Some(Value::Map(typed))
-}
-
 /// Parses JSON text straight into a msgpack value, keeping key order (a repeated key
 /// keeps its first place and its last value) and turning `{"$binary": ...}` into
 /// binary. The text's top level is at nesting level `depth` (1 for a message), and
@@ -219,6 +203,53 @@ pub(crate) fn parse_json_at(bytes: &[u8], depth: usize) -> Result<Value, Message
             .take()
             .unwrap_or_else(|| MessageError::Malformed(format!("malformed JSON: {e}")))
     })
+}
+
+/// A request map around a message (a WebSocket frame), read without a value tree: the
+/// `"message"` stays msgpack bytes, the other fields are decoded. A field that is not a
+/// single value (a `ref` is echoed back as it came) may take at most
+/// [`MAX_FIELD_BYTES`], so that decoding the fields costs little whatever the frame.
+pub(crate) struct Request {
+    pub fields: Vec<(String, Value)>,
+    /// The `"message"` field's msgpack, if there is one.
+    pub message: Option<Bytes>,
+}
+
+/// Largest encoding of a request field other than `"message"` that holds an array or
+/// a map.
+pub(crate) const MAX_FIELD_BYTES: usize = 1024;
+
+impl Request {
+    /// A msgpack request.
+    pub(crate) fn from_msgpack(bytes: Bytes) -> Result<Request, MessageError> {
+        let mut request = Request {
+            fields: Vec::new(),
+            message: None,
+        };
+        for (key, range) in (Walk { rest: &bytes }).fields()? {
+            let raw = &bytes[range.clone()];
+            if key == "message" {
+                request.message = Some(bytes.slice(range));
+                continue;
+            }
+            let nested = matches!(raw[0], 0x80..=0x9f | 0xdc..=0xdf);
+            if nested && raw.len() > MAX_FIELD_BYTES {
+                return Err(MessageError::Invalid(format!(
+                    "a request field other than \"message\" may hold at most {MAX_FIELD_BYTES} bytes of arrays and maps"
+                )));
+            }
+            let value = rmpv::decode::read_value(&mut &raw[..])
+                .map_err(|e| MessageError::Malformed(format!("malformed msgpack: {e}")))?;
+            request.fields.push((key.to_string(), value));
+        }
+        Ok(request)
+    }
+
+    /// A JSON request, transcoded to msgpack first (the request is nesting level 0,
+    /// its message level 1).
+    pub(crate) fn from_json(text: &[u8]) -> Result<Request, MessageError> {
+        Request::from_msgpack(transcode::json_to_msgpack(text, 0)?.into())
+    }
 }
 
 /// Maps with more keys than this find repeated keys through a hash index.
@@ -447,6 +478,27 @@ fn float_to_json(f: f64) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
+
+    /// The value-tree decoding that the walk and the transcoder replaced: the reference
+    /// they are held to. A map without a `"type"` gets `default_type` (when given).
+    fn decode_value(value: &Value, default_type: Option<&str>) -> Result<Message, MessageError> {
+        match default_type.and_then(|t| with_type(value, t)) {
+            Some(typed) => Message::from_value(&typed),
+            None => Message::from_value(value),
+        }
+    }
+
+    /// `value` with `"type": default_type` put first, if it is a map without a `"type"`.
+    fn with_type(value: &Value, default_type: &str) -> Option<Value> {
+        let entries = value.as_map()?;
+        if entries.iter().any(|(k, _)| k.as_str() == Some("type")) {
+            return None;
+        }
+        let mut typed = Vec::with_capacity(entries.len() + 1);
+        typed.push((Value::from("type"), Value::from(default_type)));
+        typed.extend(entries.iter().cloned());
+        Some(Value::Map(typed))
+    }
     use super::*;
 
     #[test]
@@ -601,7 +653,7 @@ mod tests {
     /// Every decoder either refuses a body or gives a message that decodes to itself again.
     fn check_decoders(body: &[u8]) {
         // The transcoder writes what the value tree would encode, and refuses alike.
-        let tree = parse_json_at(body, 1).and_then(|v| Message::decode_value(&v, Some("fuzz")));
+        let tree = parse_json_at(body, 1).and_then(|v| decode_value(&v, Some("fuzz")));
         match (tree, Message::decode_json(body, Some("fuzz"))) {
             (Ok(tree), Ok(streamed)) => assert_eq!(tree.msgpack(), streamed.msgpack(), "{body:?}"),
             (Err(tree), Err(streamed)) => assert_eq!(

@@ -1,6 +1,8 @@
 //! The msgpack walk: the message rules checked in one pass over the bytes, without
 //! building a value, so that memory stays at the nesting depth whatever the input.
 
+use std::ops::Range;
+
 use super::{MAX_DEPTH, MessageError, RESERVED_KEY, too_deep};
 
 fn malformed_msgpack(why: &str) -> MessageError {
@@ -44,20 +46,9 @@ impl<'a> Walk<'a> {
     /// reserved key, nesting at most [`MAX_DEPTH`], nothing after it.
     pub(super) fn message(mut self) -> Result<TopLevel, MessageError> {
         let start = self.rest.len();
-        let entries = match self.rest.first() {
-            Some(&n @ 0x80..=0x8f) => {
-                self.take(1)?;
-                usize::from(n & 0x0f)
-            }
-            Some(0xde) => {
-                self.take(1)?;
-                self.len(2)?
-            }
-            Some(0xdf) => {
-                self.take(1)?;
-                self.len(4)?
-            }
-            _ => {
+        let entries = match self.map_head()? {
+            Some(entries) => entries,
+            None => {
                 self.value(1)?;
                 if !self.rest.is_empty() {
                     return Err(malformed_msgpack("trailing bytes after the message"));
@@ -100,6 +91,51 @@ impl<'a> Walk<'a> {
             entries,
             head_len,
         })
+    }
+
+    /// The entry count of the map that comes next; `None`, with nothing read, if no
+    /// map comes next.
+    fn map_head(&mut self) -> Result<Option<usize>, MessageError> {
+        let entries = match self.rest.first() {
+            Some(&n @ 0x80..=0x8f) => {
+                self.take(1)?;
+                usize::from(n & 0x0f)
+            }
+            Some(0xde) => {
+                self.take(1)?;
+                self.len(2)?
+            }
+            Some(0xdf) => {
+                self.take(1)?;
+                self.len(4)?
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(entries))
+    }
+
+    /// A map of named fields (a request around a message): each key with the range of
+    /// its value's bytes, checked as message content is, nothing after the map.
+    pub(super) fn fields(mut self) -> Result<Vec<(&'a str, Range<usize>)>, MessageError> {
+        let whole = self.rest.len();
+        let Some(entries) = self.map_head()? else {
+            // What is wrong inside it (nesting too deep) comes first.
+            self.value(0)?;
+            return Err(MessageError::Malformed(
+                "a request must be a map with an \"op\"".to_string(),
+            ));
+        };
+        let mut fields = Vec::with_capacity(entries.min(16));
+        for _ in 0..entries {
+            let key = self.key()?;
+            let start = whole - self.rest.len();
+            self.value(1)?;
+            fields.push((key, start..whole - self.rest.len()));
+        }
+        if !self.rest.is_empty() {
+            return Err(malformed_msgpack("trailing bytes after the request"));
+        }
+        Ok(fields)
     }
 
     /// A map key: it must be a string.
