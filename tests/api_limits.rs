@@ -504,6 +504,19 @@ fn peak_rss(server: &Server) -> u64 {
     kib * 1024
 }
 
+/// After 8 clients sent hostile bodies of `limit` bytes: the peak RSS grew from `before`
+/// by at most 4 × the body and 1 MiB for each of the 8 in flight, and the victim kept
+/// its latency.
+fn assert_hostile_bodies_bounded(server: &Server, before: u64, limit: usize, p99: Duration) {
+    let grew = peak_rss(server).saturating_sub(before);
+    let bound = 8 * (4 * limit as u64 + (1 << 20));
+    assert!(
+        grew <= bound,
+        "peak RSS grew by {grew} bytes (bound {bound})"
+    );
+    assert!(p99 <= VICTIM_P99, "victim p99 {p99:?}");
+}
+
 #[tokio::test]
 async fn hostile_bodies_are_decoded_in_bounded_memory_while_others_are_served() {
     let (_one_at_a_time, server) = start("").await;
@@ -552,14 +565,7 @@ async fn hostile_bodies_are_decoded_in_bounded_memory_while_others_are_served() 
     for upload in uploads {
         upload.await.unwrap();
     }
-    let grew = peak_rss(&server).saturating_sub(before);
-    // At most 4 × the body and 1 MiB for each of the 8 in flight.
-    let bound = 8 * (4 * limit as u64 + (1 << 20));
-    assert!(
-        grew <= bound,
-        "peak RSS grew by {grew} bytes (bound {bound})"
-    );
-    assert!(p99 <= VICTIM_P99, "victim p99 {p99:?}");
+    assert_hostile_bodies_bounded(&server, before, limit, p99);
     assert_eq!(api.receive("hostile").await, None);
     assert_eq!(api.receive("kept").await, Some((id, msg(1))));
 }
@@ -648,12 +654,6 @@ async fn hostile_websocket_frames_are_decoded_in_bounded_memory() {
     for client in clients {
         within(T * 4, "a hostile client", client).await.unwrap();
     }
-    let grew = peak_rss(&server).saturating_sub(before);
-    let bound = 8 * (4 * limit as u64 + (1 << 20));
-    assert!(
-        grew <= bound,
-        "peak RSS grew by {grew} bytes (bound {bound})"
-    );
-    assert!(p99 <= VICTIM_P99, "victim p99 {p99:?}");
+    assert_hostile_bodies_bounded(&server, before, limit, p99);
     assert_eq!(api.receive("hostile").await, None);
 }

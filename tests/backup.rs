@@ -22,6 +22,11 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `herald import` of the dump `file` into `work`'s data dir.
+fn import_into(work: &Workdir, file: &Path) -> Output {
+    herald(&["import", "--data-dir", path(&work.data_dir()), path(file)])
+}
+
 /// Everything a client can observe, in a comparable form; drains the channels.
 async fn observe(server: &Server) -> (Vec<String>, Json, Vec<Vec<(String, Json)>>) {
     let api = Api::new(server);
@@ -103,20 +108,10 @@ async fn export_backup_and_import_restore_the_same_state() {
     ]);
     assert!(import.status.success(), "{import:?}");
     let from_online = Workdir::new();
-    let import = herald(&[
-        "import",
-        "--data-dir",
-        path(&from_online.data_dir()),
-        path(&online),
-    ]);
+    let import = import_into(&from_online, &online);
     assert!(import.status.success(), "{import:?}");
     // Importing into a data dir that holds data is refused.
-    let again = herald(&[
-        "import",
-        "--data-dir",
-        path(&from_online.data_dir()),
-        path(&online),
-    ]);
+    let again = import_into(&from_online, &online);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
 
@@ -163,14 +158,14 @@ async fn import_refuses_a_malformed_dump_with_the_line() {
     )
     .unwrap();
     let work = Workdir::new();
-    let out = herald(&["import", "--data-dir", path(&work.data_dir()), path(&bad)]);
+    let out = import_into(&work, &bad);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("line 2"), "{stderr}");
 
     std::fs::write(&bad, "{\"kind\":\"header\",\"herald_dump\":9,\"format_version\":1,\"created_at_ms\":0,\"next_id\":5}\n").unwrap();
     let work = Workdir::new();
-    let out = herald(&["import", "--data-dir", path(&work.data_dir()), path(&bad)]);
+    let out = import_into(&work, &bad);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("version 9"));
 
@@ -183,7 +178,7 @@ async fn import_refuses_a_malformed_dump_with_the_line() {
     let header = "{\"kind\":\"header\",\"herald_dump\":1,\"format_version\":2,\"created_at_ms\":0,\"next_id\":9}\n";
     std::fs::write(&bad, format!("{header}{}{}", message(7), message(3))).unwrap();
     let work = Workdir::new();
-    let out = herald(&["import", "--data-dir", path(&work.data_dir()), path(&bad)]);
+    let out = import_into(&work, &bad);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -192,7 +187,7 @@ async fn import_refuses_a_malformed_dump_with_the_line() {
     );
     std::fs::write(&bad, format!("{header}{}{}", message(3), message(7))).unwrap();
     let work = Workdir::new();
-    let out = herald(&["import", "--data-dir", path(&work.data_dir()), path(&bad)]);
+    let out = import_into(&work, &bad);
     assert!(out.status.success(), "{out:?}");
 }
 
@@ -273,12 +268,7 @@ async fn a_backup_streams_the_state_of_its_start_while_changes_go_on() {
     let text: Vec<String> = lines.iter().map(Json::to_string).collect();
     std::fs::write(&file, text.join("\n") + "\n").unwrap();
     let restored = Workdir::new();
-    let import = herald(&[
-        "import",
-        "--data-dir",
-        path(&restored.data_dir()),
-        path(&file),
-    ]);
+    let import = import_into(&restored, &file);
     assert!(import.status.success(), "{import:?}");
     let server = Server::start_in(restored, "").await;
     let api = Api::new(&server);
@@ -344,12 +334,7 @@ async fn import_refuses_a_dump_cut_short() {
     let file = dumps.path().join("cut.ndjson");
     let import = |text: String| {
         std::fs::write(&file, text).unwrap();
-        herald(&[
-            "import",
-            "--data-dir",
-            path(&Workdir::new().data_dir()),
-            path(&file),
-        ])
+        import_into(&Workdir::new(), &file)
     };
     let cut = import(lines[..lines.len() - 1].join("\n"));
     assert!(!cut.status.success());
