@@ -17,7 +17,7 @@ use super::error::{ApiError, ErrorKind, quoted};
 use super::reply::{ChannelReply, Format, GroupSent, Id, empty, respond};
 use super::{Api, MessageBody, Peer, Query, blocking};
 use crate::auth::{Need, Target};
-use crate::layer::{GroupInfo, PageRequest};
+use crate::layer::{GroupInfo, LeaseTerms, PageRequest};
 
 /// POST /v1/channels/{channel}/messages
 pub async fn send(
@@ -70,7 +70,31 @@ pub(crate) fn parse_wait(raw: Option<&str>, max_wait_secs: u64) -> Result<Durati
     Ok(Duration::from_secs_f64(secs.min(max_wait_secs as f64)))
 }
 
-/// GET /v1/channels/{channel}/messages?wait=S
+/// Longest lease, in seconds.
+const MAX_LEASE_SECS: u64 = 3600;
+
+/// A `lease` in whole seconds, 1 to [`MAX_LEASE_SECS`]; `None` when not given.
+pub(crate) fn parse_lease(raw: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    raw.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|secs| (1..=MAX_LEASE_SECS).contains(secs))
+        .map(|secs| Some(Duration::from_secs(secs)))
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::InvalidParameter,
+                format!(
+                    "lease must be whole seconds from 1 to {MAX_LEASE_SECS}, not {}",
+                    quoted(raw)
+                ),
+            )
+        })
+}
+
+/// GET /v1/channels/{channel}/messages?wait=S&lease=L
 pub async fn receive(
     channel: String,
     format: Format,
@@ -84,8 +108,12 @@ pub async fn receive(
     )?;
     api.admit()?;
     let wait = parse_wait(query.get("wait"), api.settings.max_wait_secs)?;
+    let lease = parse_lease(query.get("lease"))?.map(|duration| LeaseTerms {
+        duration,
+        holder: None,
+    });
     let received = tokio::select! {
-        received = api.layer.receive(&channel, wait) => received.map_err(ApiError::from)?,
+        received = api.layer.receive_with(&channel, wait, lease) => received.map_err(ApiError::from)?,
         _ = api.shutdown.cancelled() => None,
     };
     Ok(match received {
@@ -100,6 +128,69 @@ pub async fn receive(
         ),
         None => empty(StatusCode::NO_CONTENT),
     })
+}
+
+/// DELETE /v1/channels/{channel}/messages/{id}: acknowledges a leased message.
+pub async fn ack(
+    channel: String,
+    id: String,
+    credentials: Credentials,
+    api: Api,
+) -> Result<Response, Rejection> {
+    api.authorize(
+        &credentials,
+        &[Need::Subscribe(Target::Channel(channel.clone()))],
+    )?;
+    api.admit()?;
+    let not_leased = || {
+        ApiError::new(
+            ErrorKind::NotFound,
+            format!("channel {channel} holds no leased message {}", quoted(&id)),
+        )
+    };
+    let id: u64 = id.parse().map_err(|_| not_leased())?;
+    if !api.layer.ack(&channel, id).await.map_err(ApiError::from)? {
+        return Err(not_leased().into());
+    }
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+/// GET /v1/layer: the layer settings in force, for clients to compare with their own.
+pub async fn layer_settings(
+    format: Format,
+    credentials: Credentials,
+    api: Api,
+) -> Result<Response, Rejection> {
+    api.authorize(&credentials, &[])?;
+    let layer = api.layer.settings();
+    Ok(respond(
+        format,
+        StatusCode::OK,
+        &LayerReport {
+            capacity: layer.capacity,
+            expiry: layer.expiry_secs,
+            group_expiry: layer.group_expiry_secs,
+            channel_capacity: &layer.channel_capacity,
+            channel_expiry: &layer.channel_expiry,
+            max_message_bytes: layer.max_message_bytes,
+            replay_secs: layer.replay_secs,
+            replay_capacity: layer.replay_capacity,
+        },
+    ))
+}
+
+/// The answer of `GET /v1/layer`: the names of Django's channel layer `CONFIG` where
+/// they exist (seconds for times).
+#[derive(Serialize)]
+struct LayerReport<'a> {
+    capacity: usize,
+    expiry: u64,
+    group_expiry: u64,
+    channel_capacity: &'a indexmap::IndexMap<String, usize>,
+    channel_expiry: &'a indexmap::IndexMap<String, u64>,
+    max_message_bytes: usize,
+    replay_secs: u64,
+    replay_capacity: usize,
 }
 
 /// POST /v1/channels?prefix=P

@@ -306,6 +306,13 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::receive);
+    let ack = warp::path!(String / "messages" / String)
+        .map(|c, id| (segment(c), segment(id)))
+        .untuple_one()
+        .and(warp::delete())
+        .and(access::credentials())
+        .and(with_api(api.clone()))
+        .and_then(handlers::ack);
     let channel_events = warp::path!(String / "events")
         .map(segment)
         .and(warp::get())
@@ -394,6 +401,12 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::backup);
+    let layer_settings = warp::path!("layer")
+        .and(warp::get())
+        .and(format())
+        .and(access::credentials())
+        .and(with_api(api.clone()))
+        .and_then(handlers::layer_settings);
     let stats = warp::path!("stats")
         .and(warp::get())
         .and(format())
@@ -412,6 +425,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
     let channels = warp::path("channels").and(any_of(vec![
         send.boxed(),
         receive.boxed(),
+        ack.boxed(),
         channel_events.boxed(),
         new_channel.boxed(),
         list_channels.boxed(),
@@ -432,6 +446,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         flush.boxed(),
         backup.boxed(),
         stats.boxed(),
+        layer_settings.boxed(),
     ]));
     let all = any_of(vec![v1.boxed(), health.boxed()]);
 

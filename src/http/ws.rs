@@ -6,8 +6,9 @@
 //! order; only `receive`, which may wait, runs on its own. Subscriptions push their
 //! messages through the same bounded outbox as replies.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -31,11 +32,12 @@ use warp::{Filter, Rejection};
 use super::access::Credentials;
 use super::body::body_limit;
 use super::error::{ApiError, ErrorKind, quoted};
-use super::handlers::{membership, parse_wait};
+use super::handlers::{membership, parse_lease, parse_wait};
 use super::reply::{ChannelReply, Echo, Format, Gap, GroupSent, Id};
 use super::subscription::{Push, Spec, Subscription, resume_point};
 use super::{Api, DECODE_INLINE_BYTES, Peer, blocking};
 use crate::auth::{Held, Need, Target};
+use crate::layer::LeaseTerms;
 use crate::layer::Revoker;
 use crate::message::{MAX_FIELD_BYTES, Message, Request as FieldsOf, parse_json_at};
 
@@ -278,6 +280,15 @@ impl Request {
         }
     }
 
+    /// The request's `"lease"` (whole seconds, see [`parse_lease`]), if it has one.
+    fn lease(&self) -> Result<Option<Duration>, ApiError> {
+        match self.get("lease") {
+            None | Some(Value::Nil) => Ok(None),
+            Some(Value::Integer(i)) => parse_lease(Some(&i.to_string())),
+            Some(_) => parse_lease(Some("a non-integer")),
+        }
+    }
+
     /// The request's `"message"`.
     fn message(&self) -> Result<Message, ApiError> {
         self.message.clone().unwrap_or_else(|| {
@@ -429,7 +440,14 @@ struct Connection {
     receives: Arc<tokio::sync::Semaphore>,
     /// Cancelled when the client's side ends, so waiting receives stop taking messages.
     closed: CancellationToken,
+    /// Who holds the leases taken through this connection ([`LeaseTerms::holder`]).
+    holder: u64,
+    /// The channels it took leased messages from: their leases end when it closes.
+    leasing: HashSet<String>,
 }
+
+/// The holder ids of connections, one each.
+static NEXT_HOLDER: AtomicU64 = AtomicU64::new(1);
 
 async fn serve(api: Api, socket: Socket, token: Option<String>, peer: Option<Peer>) {
     let (mut sink, mut incoming) = socket.split();
@@ -455,6 +473,8 @@ async fn serve(api: Api, socket: Socket, token: Option<String>, peer: Option<Pee
         subscriptions: HashMap::new(),
         receives: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_RECEIVES)),
         closed: CancellationToken::new(),
+        holder: NEXT_HOLDER.fetch_add(1, Ordering::Relaxed),
+        leasing: HashSet::new(),
     };
     let default_type = api.default_type().map(str::to_string);
     loop {
@@ -498,6 +518,15 @@ async fn serve(api: Api, socket: Socket, token: Option<String>, peer: Option<Pee
     conn.closed.cancel();
     for stop in conn.subscriptions.values() {
         stop.revoke();
+    }
+    if !conn.leasing.is_empty() {
+        // Once every receive of it has ended, nothing more is leased to it.
+        let _ = conn
+            .receives
+            .acquire_many(MAX_PENDING_RECEIVES as u32)
+            .await;
+        api.layer
+            .release(conn.holder, conn.leasing.iter().map(String::as_str));
     }
     drop(conn);
     let _ = writer.await;
@@ -572,6 +601,20 @@ impl Connection {
                 self.ok(request, created).await;
             }
             "receive" => self.receive(request)?,
+            "ack" => {
+                let channel = request.str("channel")?;
+                self.authorize(&[Need::Subscribe(Target::Channel(channel.to_string()))])?;
+                let id = request.optional_id("id")?.ok_or_else(|| {
+                    ApiError::new(ErrorKind::InvalidParameter, "\"id\" must be a message id")
+                })?;
+                if !layer.ack(channel, id).await? {
+                    return Err(ApiError::new(
+                        ErrorKind::NotFound,
+                        format!("channel {channel} holds no leased message {id}"),
+                    ));
+                }
+                self.ok(request, ()).await;
+            }
             "subscribe" => self.subscribe(request).await?,
             "unsubscribe" => {
                 let channel = request.str("channel")?;
@@ -591,7 +634,7 @@ impl Connection {
     }
 
     /// Starts a receive that answers on its own when a message comes or the wait ends.
-    fn receive(&self, request: &Request) -> Result<(), ApiError> {
+    fn receive(&mut self, request: &Request) -> Result<(), ApiError> {
         let channel = request.str("channel")?.to_string();
         self.authorize(&[Need::Subscribe(Target::Channel(channel.clone()))])?;
         crate::names::check_channel(&channel)?;
@@ -611,6 +654,10 @@ impl Connection {
                 ));
             }
         };
+        let lease = request.lease()?.map(|duration| LeaseTerms {
+            duration,
+            holder: Some(self.holder),
+        });
         let slot = self.receives.clone().try_acquire_owned().map_err(|_| {
             ApiError::new(
                 ErrorKind::Unavailable,
@@ -622,10 +669,14 @@ impl Connection {
         let format = request.format;
         let reference = request.reference.clone();
         let closed = self.closed.clone();
+        if lease.is_some() {
+            self.leasing.insert(channel.clone());
+        }
         tokio::spawn(async move {
             let received = tokio::select! {
-                received = api.layer.receive(&channel, wait) => received,
+                biased;
                 _ = closed.cancelled() => return,
+                received = api.layer.receive_with(&channel, wait, lease) => received,
                 _ = api.shutdown.cancelled() => Ok(None),
             };
             let reference = reference.as_ref();

@@ -100,9 +100,19 @@ impl ChannelLayer {
                 batch.remove_membership(group, channel);
             }
             let held = state.channels.get(channel).and_then(|ch| {
-                let last = ch.queue.back().or(ch.delivered.back())?.id;
-                for entry in ch.queue.iter().chain(ch.delivered.iter()) {
+                let leased = ch.leased.values().map(|lease| &lease.entry);
+                let entries = || {
+                    ch.queue
+                        .iter()
+                        .chain(ch.delivered.iter())
+                        .chain(leased.clone())
+                };
+                let last = entries().map(|e| e.id).max()?;
+                for entry in entries() {
                     batch.unpin(entry.id, channel);
+                    if entry.unacked_on_disk {
+                        batch.remove_unacked(entry.id, channel);
+                    }
                 }
                 batch.put_cursor(channel, last);
                 Some(last)
@@ -118,8 +128,10 @@ impl ChannelLayer {
                 ch.restore_cursor(last);
                 ch.lost_upto = ch.lost_upto.max(last);
                 ch.queue.clear();
+                ch.leased.clear();
                 ch.delivered.clear();
             }
+            state.leasing.remove(channel);
             ticket
         };
         inner.store.commit(ticket).await?;

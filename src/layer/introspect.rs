@@ -131,9 +131,9 @@ impl ChannelLayer {
         state.channels.visit_after(request.after, |name, ch| {
             let offered = page.offer(name, 1, || {
                 ch.drop_expired(now);
-                (!ch.queue.is_empty() || !ch.waiters.is_empty()).then(|| ChannelInfo {
+                (ch.pending() > 0 || !ch.waiters.is_empty()).then(|| ChannelInfo {
                     name: name.to_string(),
-                    pending: ch.queue.len(),
+                    pending: ch.pending(),
                     receivers_waiting: ch.waiters.len(),
                 })
             });
@@ -189,14 +189,14 @@ impl ChannelLayer {
         Ok(page.finish(more))
     }
 
-    /// The number of unexpired messages pending on `channel`.
+    /// The number of unexpired messages pending on `channel` (leased ones included).
     pub fn pending(&self, channel: &str) -> usize {
         let inner = &*self.inner;
         let mut state = inner.state.lock();
         let now = inner.clock.now_ms();
         state.channels.get_mut(channel).map_or(0, |ch| {
             ch.drop_expired(now);
-            ch.queue.len()
+            ch.pending()
         })
     }
 

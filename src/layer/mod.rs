@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::config::{ChannelRules, ConfigError, Settings};
+use crate::config::{ChannelRules, ConfigError, LayerSettings, Settings};
 use crate::message::{Message, MessageError};
 use crate::names::NameError;
 use crate::store::record::Record;
@@ -45,7 +45,7 @@ use clock::Clock;
 use state::{Channel, Channels, Entry, State, Tally};
 
 pub use introspect::{ChannelInfo, GroupInfo, Page, PageRequest, Stats};
-pub use receive::{Receiver, Revoker};
+pub use receive::{LeaseTerms, Receiver, Revoker};
 pub use sweep::Backup;
 
 /// Why a layer operation failed.
@@ -135,6 +135,8 @@ pub struct ChannelLayer {
 
 struct Inner {
     store: Store,
+    /// The `[layer]` settings it was opened with, as configured.
+    settings: LayerSettings,
     rules: ChannelRules,
     group_expiry_ms: u64,
     max_message_bytes: usize,
@@ -176,6 +178,7 @@ impl ChannelLayer {
         store.limit_disk(storage.max_disk_bytes);
         let inner = Inner {
             store,
+            settings: layer.clone(),
             rules,
             group_expiry_ms: layer.group_expiry_secs.saturating_mul(1000),
             max_message_bytes: layer.max_message_bytes,
@@ -194,6 +197,11 @@ impl ChannelLayer {
         Ok(ChannelLayer {
             inner: Arc::new(inner),
         })
+    }
+
+    /// The `[layer]` settings in force.
+    pub fn settings(&self) -> &LayerSettings {
+        &self.inner.settings
     }
 
     /// How long a membership lasts after its last group_add.

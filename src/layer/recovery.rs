@@ -1,7 +1,7 @@
 //! Rebuilding the in-memory state from the store at open: memberships, cursors and
 //! pins first, then every message placed in its recipients' queues or replay logs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -11,6 +11,14 @@ use crate::message::Message;
 use crate::store::Stored;
 use crate::store::record::{Record, Target};
 
+/// What the records read before the messages tell about them: each channel's receive
+/// cursor, and the leased messages not acknowledged (pending again after a restart).
+#[derive(Clone, Copy)]
+struct Known<'a> {
+    cursors: &'a HashMap<String, u64>,
+    unacked: &'a HashMap<u64, HashSet<String>>,
+}
+
 impl Inner {
     /// Reads the store back into memory: memberships, cursors, pins, then every
     /// message in id order, placed in each recipient's queue or replay log.
@@ -19,6 +27,7 @@ impl Inner {
         let mut state = State::default();
         let mut cursors = HashMap::new();
         let mut pins: HashMap<u64, Vec<String>> = HashMap::new();
+        let mut unacked: HashMap<u64, HashSet<String>> = HashMap::new();
         let mut stored_bytes = 0;
         for stored in self.store.recover() {
             match stored? {
@@ -45,9 +54,16 @@ impl Inner {
                     cursors.insert(channel, taken_upto);
                 }
                 Stored::Pin { id, channel } => pins.entry(id).or_default().push(channel),
+                Stored::Unacked { id, channel } => {
+                    unacked.entry(id).or_default().insert(channel);
+                }
                 Stored::Message { id, record } => {
                     stored_bytes += record.stored_len() as u64;
-                    self.place(&mut state, &cursors, &mut pins, id, record);
+                    let known = Known {
+                        cursors: &cursors,
+                        unacked: &unacked,
+                    };
+                    self.place(&mut state, known, &mut pins, id, record);
                 }
             }
         }
@@ -63,11 +79,11 @@ impl Inner {
     }
 
     /// Puts a stored message into each recipient's queue, or its replay log if the
-    /// recipient's cursor says it was taken.
+    /// recipient's cursor says it was taken (and no lease of it is unacknowledged).
     fn place(
         &self,
         state: &mut State,
-        cursors: &HashMap<String, u64>,
+        known: Known,
         pins: &mut HashMap<u64, Vec<String>>,
         id: u64,
         record: Record,
@@ -97,13 +113,16 @@ impl Inner {
         };
         let message = Arc::new(Message::trusted(record.body));
         for channel in recipients {
-            let delivered = cursors.get(&channel).is_some_and(|c| id <= *c);
+            let unacked_on_disk = known.unacked.get(&id).is_some_and(|c| c.contains(&channel));
+            let delivered =
+                !unacked_on_disk && known.cursors.get(&channel).is_some_and(|c| id <= *c);
             let ch = self.channel(&mut state.channels, &channel);
             let entry = Entry {
                 id,
                 sent_at_ms: record.sent_at_ms,
                 group: group.clone(),
                 message: message.clone(),
+                unacked_on_disk,
             };
             if delivered {
                 ch.remember(entry);

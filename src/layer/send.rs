@@ -48,6 +48,7 @@ impl ChannelLayer {
                 sent_at_ms,
                 group: None,
                 message,
+                unacked_on_disk: false,
             });
             ch.wake();
             (id, ticket)
@@ -108,6 +109,7 @@ impl ChannelLayer {
                 sent_at_ms,
                 group: Some(group_name),
                 message,
+                unacked_on_disk: false,
             };
             for channel in targets {
                 let ch = state.channels.get_mut(channel).expect("created above");
@@ -135,6 +137,7 @@ impl ChannelLayer {
                     held.into_iter()
                         .flatten()
                         .map(|e| e.id)
+                        .chain(ch.leased.keys().next_back().copied())
                         .chain([ch.lost_upto])
                 })
                 .fold(inner.lost_floor(), u64::max);
@@ -142,9 +145,11 @@ impl ChannelLayer {
             inner.stored_bytes.store(0, Ordering::Relaxed);
             inner.reclaiming.store(true, Ordering::Relaxed);
             state.groups.clear();
+            state.leasing.clear();
             for ch in state.channels.values_mut() {
                 ch.lost_upto = ch.lost_upto.max(lost_upto);
                 ch.queue.clear();
+                ch.leased.clear();
                 ch.delivered.clear();
             }
             inner.forget_idle(&mut state);

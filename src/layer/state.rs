@@ -22,6 +22,18 @@ pub(super) struct Entry {
     /// The group it came through, if any (for keeping it when the membership ends).
     pub group: Option<Arc<str>>,
     pub message: Arc<Message>,
+    /// Whether the store records it as leased and unacknowledged (an `E` key), which
+    /// must go once it is acknowledged or taken for good.
+    pub unacked_on_disk: bool,
+}
+
+/// A message taken with a lease and not acknowledged yet.
+pub(super) struct Lease {
+    pub entry: Entry,
+    /// When it goes back to the head of its channel.
+    pub until_ms: u64,
+    /// The WebSocket connection it went to: its leases end when it closes.
+    pub holder: Option<u64>,
 }
 
 /// A receiver waiting for a message.
@@ -40,6 +52,9 @@ pub(super) struct Channel {
     pub queue: Queue,
     /// Delivered messages kept for replay, oldest first.
     pub delivered: VecDeque<Entry>,
+    /// Messages taken with a lease and not acknowledged, by id: pending still (they
+    /// count against the capacity), but no receiver gets them until the lease ends.
+    pub leased: Leases,
     /// Receivers waiting, longest-waiting first.
     pub waiters: VecDeque<Waiter>,
     /// Receivers woken for a message that they have not taken yet: as many of the
@@ -83,6 +98,10 @@ impl Channel {
                 tally: tally.clone(),
             },
             delivered: VecDeque::new(),
+            leased: Leases {
+                entries: BTreeMap::new(),
+                tally: tally.clone(),
+            },
             waiters: VecDeque::new(),
             woken: Vec::new(),
             lost_upto,
@@ -114,11 +133,23 @@ impl Channel {
     /// below the capacity there is no need to look, which spares a group_send a look
     /// into every member's queue).
     pub(crate) fn is_full(&mut self, now_ms: u64) -> bool {
-        if self.queue.len() < self.capacity {
+        if self.pending() < self.capacity {
             return false;
         }
         self.drop_expired(now_ms);
-        self.queue.len() >= self.capacity
+        self.pending() >= self.capacity
+    }
+
+    /// Messages not yet taken for good: queued, or leased and not acknowledged.
+    pub(crate) fn pending(&self) -> usize {
+        self.queue.len() + self.leased.len()
+    }
+
+    /// Puts a message whose lease ended back in the queue, in id order (so at its
+    /// head, ahead of everything sent after it), and wakes a waiting receiver for it.
+    pub(crate) fn requeue(&mut self, entry: Entry) {
+        self.queue.insert_in_order(entry);
+        self.wake();
     }
 
     /// Keeps a delivered message for replay, within the replay log's bounds.
@@ -132,7 +163,9 @@ impl Channel {
         {
             self.lost_upto = self.lost_upto.max(old.id);
         }
-        self.delivered.push_back(entry);
+        // In id order: an acknowledged lease can come after later messages.
+        let at = self.delivered.partition_point(|e| e.id < entry.id);
+        self.delivered.insert(at, entry);
     }
 
     /// Hands pending messages to waiting receivers, longest-waiting first.
@@ -182,6 +215,7 @@ impl Channel {
         self.lost_upto <= lost_floor
             && self.taken_upto == self.cursor_on_disk
             && self.queue.is_empty()
+            && self.leased.is_empty()
             && self.delivered.is_empty()
             && self.waiters.is_empty()
             && self.woken.is_empty()
@@ -234,6 +268,16 @@ impl Queue {
         Some(entry)
     }
 
+    /// Inserts `entry` before the first entry with a higher id.
+    pub(crate) fn insert_in_order(&mut self, entry: Entry) {
+        if self.entries.is_empty() {
+            Tally::add(&self.tally.busy_channels, 1);
+        }
+        Tally::add(&self.tally.pending, 1);
+        let at = self.entries.partition_point(|e| e.id < entry.id);
+        self.entries.insert(at, entry);
+    }
+
     pub(crate) fn clear(&mut self) {
         self.uncount();
         self.entries.clear();
@@ -258,6 +302,57 @@ impl Deref for Queue {
 impl Drop for Queue {
     fn drop(&mut self) {
         self.uncount();
+    }
+}
+
+/// A channel's leased messages, by id, counted as pending in the layer's [`Tally`].
+pub(super) struct Leases {
+    entries: BTreeMap<u64, Lease>,
+    tally: Arc<Tally>,
+}
+
+impl Leases {
+    pub(crate) fn insert(&mut self, lease: Lease) {
+        let id = lease.entry.id;
+        if self.entries.insert(id, lease).is_none() {
+            Tally::add(&self.tally.pending, 1);
+        }
+    }
+
+    pub(crate) fn remove(&mut self, id: u64) -> Option<Lease> {
+        let lease = self.entries.remove(&id)?;
+        Tally::sub(&self.tally.pending, 1);
+        Some(lease)
+    }
+
+    /// Removes and returns the leases for which `ends` says so, in id order.
+    pub(crate) fn take_if(&mut self, mut ends: impl FnMut(&Lease) -> bool) -> Vec<Lease> {
+        let ended: Vec<u64> = self
+            .entries
+            .values()
+            .filter(|lease| ends(lease))
+            .map(|lease| lease.entry.id)
+            .collect();
+        ended.into_iter().filter_map(|id| self.remove(id)).collect()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        Tally::sub(&self.tally.pending, self.entries.len());
+        self.entries.clear();
+    }
+}
+
+impl Deref for Leases {
+    type Target = BTreeMap<u64, Lease>;
+
+    fn deref(&self) -> &BTreeMap<u64, Lease> {
+        &self.entries
+    }
+}
+
+impl Drop for Leases {
+    fn drop(&mut self) {
+        Tally::sub(&self.tally.pending, self.entries.len());
     }
 }
 
@@ -423,6 +518,8 @@ pub(super) struct State {
     pub groups: BTreeMap<String, Members>,
     /// Send times never go backwards, so ids and send times ascend together.
     pub last_sent_at_ms: u64,
+    /// Channels that hold leased messages, for the timer that ends leases.
+    pub leasing: BTreeSet<String>,
 }
 
 impl State {

@@ -112,6 +112,7 @@ pub async fn run(
         Duration::from_millis(settings.storage.sweep_interval_ms),
         token.clone(),
     ));
+    let lease_timer = tokio::spawn(end_leases(layer.clone(), token.clone()));
     let watchdog = tokio::spawn(http::subscription::watchdog(api.clone()));
     let access_watch = tokio::spawn(http::subscription::access_watch(api.clone()));
     let reloader = tokio::spawn(reload.serve(api.clone(), token.clone()));
@@ -140,6 +141,7 @@ pub async fn run(
         tracing::warn!("clean-up of closed streams still running at the shutdown timeout");
     }
     let _ = sweeper.await;
+    let _ = lease_timer.await;
     let _ = watchdog.await;
     let _ = access_watch.await;
     let _ = reloader.await;
@@ -301,6 +303,22 @@ async fn sweep(layer: ChannelLayer, every: Duration, stop: CancellationToken) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "sweep failed"),
             Err(e) => tracing::error!(error = %e, "sweep task failed"),
+        }
+    }
+}
+
+/// How often leases that ran out are ended: a message comes back at most this long
+/// after its lease.
+const LEASE_TICK: Duration = Duration::from_millis(250);
+
+/// Puts messages whose lease ran out back in their channels, every [`LEASE_TICK`].
+async fn end_leases(layer: ChannelLayer, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(LEASE_TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => layer.end_leases(),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! [`WriteBatch`]: the changes besides message records (memberships, receive cursors,
-//! pins), written together and atomically by [`Store::apply`](super::Store::apply).
+//! pins, unacknowledged leases), written together and atomically by [`Store::apply`](super::Store::apply).
 //! The only way the layer writes them: it never sees a key.
 
 use super::keys;
@@ -46,6 +46,17 @@ impl WriteBatch {
     /// Removes a pin.
     pub(crate) fn unpin(&mut self, id: u64, channel: &str) {
         self.remove(&keys::reference(id, channel));
+    }
+
+    /// Records that `channel` holds the message `id` under a lease, not acknowledged:
+    /// after a restart it is pending again, whatever the cursor says.
+    pub(crate) fn put_unacked(&mut self, id: u64, channel: &str) {
+        self.insert(&keys::unacked(id, channel), &[]);
+    }
+
+    /// The message `id` of `channel` was acknowledged (or taken for good).
+    pub(crate) fn remove_unacked(&mut self, id: u64, channel: &str) {
+        self.remove(&keys::unacked(id, channel));
     }
 
     /// Whether the batch changes nothing.

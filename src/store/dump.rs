@@ -2,7 +2,8 @@
 //!
 //! The first line is a header (`herald_dump` version, format version, creation time,
 //! the next id); then every receive cursor, membership, message (id, send time,
-//! target, skipped members, msgpack body in base64) and reference, in the store's key
+//! target, skipped members, msgpack body in base64), reference and unacknowledged lease,
+//! in the store's key
 //! order; the last line counts them, so that a dump cut short is refused. Importing it
 //! into an empty data directory gives the same observable state; ids continue after
 //! the dumped ones.
@@ -69,6 +70,11 @@ pub(crate) enum Line {
         id: u64,
         channel: String,
     },
+    /// `channel` holds message `id` under a lease it did not acknowledge.
+    Unacked {
+        id: u64,
+        channel: String,
+    },
     /// The last line (from version 2): what the dump holds, so that a cut one is
     /// refused.
     End(DumpStats),
@@ -82,6 +88,8 @@ pub struct DumpStats {
     pub memberships: usize,
     pub cursors: usize,
     pub references: usize,
+    #[serde(default)]
+    pub unacked: usize,
 }
 
 /// Why a dump could not be loaded.
@@ -221,6 +229,10 @@ impl Export {
             Stored::Pin { id, channel } => {
                 stats.references += 1;
                 Line::Reference { id, channel }
+            }
+            Stored::Unacked { id, channel } => {
+                stats.unacked += 1;
+                Line::Unacked { id, channel }
             }
             Stored::Message { id, record } => {
                 stats.messages += 1;
@@ -376,6 +388,11 @@ impl Store {
                     names::check_channel(&channel).map_err(|e| invalid(e.to_string()))?;
                     batch.pin(id, &channel);
                     stats.references += 1;
+                }
+                Line::Unacked { id, channel } => {
+                    names::check_channel(&channel).map_err(|e| invalid(e.to_string()))?;
+                    batch.put_unacked(id, &channel);
+                    stats.unacked += 1;
                 }
             }
         }

@@ -14,6 +14,7 @@
 //! | `G` group NUL channel | a membership: joined id, last add time |
 //! | `C` channel | receive cursor: every message of the channel with a lower or equal id was taken |
 //! | `R` id channel | the message `id` of a group belongs to `channel`, whatever the membership says |
+//! | `E` id channel | `channel` took message `id` with a lease and has not acknowledged it: it is pending, whatever the cursor says |
 //! | `L` | lost watermark, u64: no message with a higher id was deleted yet (see [`LOST`]) |
 //! | `W` | the latest flush's mark: flushes so far, highest message id, u64 each ([`super::watermark`]) |
 //!
@@ -30,6 +31,7 @@ pub(crate) const MESSAGE: u8 = b'M';
 pub(crate) const MEMBERSHIP: u8 = b'G';
 pub(crate) const CURSOR: u8 = b'C';
 pub(crate) const REF: u8 = b'R';
+pub(crate) const UNACKED: u8 = b'E';
 /// The lost watermark: the highest id of a message deleted from the store (by the
 /// expiry sweep or a flush). A channel whose in-memory state was forgotten, or not yet
 /// rebuilt, knows what it lost only up to this id, so a resume after a lower id gets a
@@ -98,7 +100,24 @@ pub(crate) fn reference_parts(key: &[u8]) -> Option<(u64, &str)> {
 
 /// The first key of the `R` range for ids at or above `id`.
 pub(crate) fn reference_from(id: u64) -> [u8; 9] {
-    let mut key = [REF; 9];
+    id_prefix(REF, id)
+}
+
+/// `E` id channel: an id-and-channel key like `R`'s, under its own prefix.
+pub fn unacked(id: u64, channel: &str) -> Vec<u8> {
+    let mut key = reference(id, channel);
+    key[0] = UNACKED;
+    key
+}
+
+/// The first key of the `E` range for ids at or above `id`.
+pub(crate) fn unacked_from(id: u64) -> [u8; 9] {
+    id_prefix(UNACKED, id)
+}
+
+/// `prefix` and `id`, the start of an id-and-channel range.
+fn id_prefix(prefix: u8, id: u64) -> [u8; 9] {
+    let mut key = [prefix; 9];
     key[1..].copy_from_slice(&id.to_be_bytes());
     key
 }
@@ -140,6 +159,9 @@ mod tests {
         );
         assert_eq!(cursor_channel(&cursor("c")), Some("c"));
         assert_eq!(reference_parts(&reference(7, "c")), Some((7, "c")));
+        assert_eq!(reference_parts(&unacked(7, "c")), Some((7, "c")));
+        assert!(unacked_from(7).as_slice() <= unacked(7, "a").as_slice());
+        assert!(unacked(7, "zzz").as_slice() < unacked_from(8).as_slice());
         assert!(reference_from(7).as_slice() <= reference(7, "a").as_slice());
         assert!(reference(7, "zzz").as_slice() < reference_from(8).as_slice());
         assert_eq!(decode_membership(&encode_membership(3, 4)), Some((3, 4)));

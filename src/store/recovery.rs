@@ -21,6 +21,8 @@ pub enum Stored {
     Cursor { channel: String, taken_upto: u64 },
     /// The group message `id` belongs to `channel`, whatever the memberships say.
     Pin { id: u64, channel: String },
+    /// `channel` took message `id` with a lease and did not acknowledge it.
+    Unacked { id: u64, channel: String },
     /// A message, as sent.
     Message { id: u64, record: Record },
 }
@@ -29,19 +31,26 @@ pub enum Stored {
 type Damaged = &'static str;
 
 impl Store {
-    /// Every stored record: memberships, receive cursors and pins first (they decide a
-    /// group message's recipients), then the messages in id order. A record that cannot
+    /// Every stored record: memberships, receive cursors, pins and unacknowledged leases
+    /// first (they decide a message's recipients and whether it is pending), then the
+    /// messages in id order. A record that cannot
     /// be decoded is a [`StoreError::Corrupt`] item.
     pub(crate) fn recover(&self) -> impl Iterator<Item = Result<Stored, StoreError>> + use<> {
         let path = self.path().to_path_buf();
-        [keys::MEMBERSHIP, keys::CURSOR, keys::REF, keys::MESSAGE]
-            .map(|prefix| self.scan(&[prefix]))
-            .into_iter()
-            .flatten()
-            .flat_map(move |item| match item {
-                Err(e) => vec![Err(e)],
-                Ok((key, value)) => decode(&path, &key, &value),
-            })
+        [
+            keys::MEMBERSHIP,
+            keys::CURSOR,
+            keys::REF,
+            keys::UNACKED,
+            keys::MESSAGE,
+        ]
+        .map(|prefix| self.scan(&[prefix]))
+        .into_iter()
+        .flatten()
+        .flat_map(move |item| match item {
+            Err(e) => vec![Err(e)],
+            Ok((key, value)) => decode(&path, &key, &value),
+        })
     }
 }
 
@@ -57,6 +66,7 @@ pub(super) fn decode(path: &Path, key: &[u8], value: &[u8]) -> Vec<Result<Stored
         Some(&keys::MEMBERSHIP) => one(membership(key, value), "membership"),
         Some(&keys::CURSOR) => one(cursor(key, value), "cursor"),
         Some(&keys::REF) => one(pin(key), "reference"),
+        Some(&keys::UNACKED) => one(unacked(key), "lease"),
         // A batch holds at most `MAX_BATCH_BYTES`: decoding one at a time is cheap.
         Some(&keys::MESSAGE) => MessageBatch::decode(value)
             .map(|record| {
@@ -84,6 +94,14 @@ fn cursor(key: &[u8], value: &[u8]) -> Option<Stored> {
     Some(Stored::Cursor {
         channel: keys::cursor_channel(key)?.to_string(),
         taken_upto: keys::decode_u64(value)?,
+    })
+}
+
+fn unacked(key: &[u8]) -> Option<Stored> {
+    let (id, channel) = keys::reference_parts(key)?;
+    Some(Stored::Unacked {
+        id,
+        channel: channel.to_string(),
     })
 }
 

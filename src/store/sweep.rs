@@ -1,4 +1,4 @@
-//! Deleting what aged out: message records sent before a cutoff, their pins, and the
+//! Deleting what aged out: message records sent before a cutoff, their pins and leases, and the
 //! receive cursors left pointing at nothing, with the lost watermark raised in the
 //! same write.
 
@@ -63,6 +63,9 @@ impl Store {
         }
         let upto = first_kept.unwrap_or(u64::MAX);
         for item in self.range(&keys::reference_from(0), &keys::reference_from(upto)) {
+            batch.remove(&item?.0);
+        }
+        for item in self.range(&keys::unacked_from(0), &keys::unacked_from(upto)) {
             batch.remove(&item?.0);
         }
         for item in self.scan(&[keys::CURSOR]) {
