@@ -226,3 +226,77 @@ async fn the_layer_settings_are_reported() {
         "{layer}"
     );
 }
+
+#[tokio::test]
+async fn a_leasing_subscription_pushes_a_window_at_a_time() {
+    let server = Server::start().await;
+    let api = Api::new(&server);
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(api.send("sub", &msg(n)).await);
+    }
+    let mut ws = Ws::connect(&server).await;
+    for bad in [
+        json!({"op": "subscribe", "channel": "sub", "window": 2}),
+        json!({"op": "subscribe", "channel": "sub", "lease": 60, "window": 0}),
+        json!({"op": "subscribe", "channel": "sub", "lease": 60, "window": "2"}),
+        json!({"op": "subscribe", "channel": "sub", "lease": 0}),
+    ] {
+        let refused = ws.call(bad.clone()).await;
+        assert_eq!(refused["code"], "invalid_parameter", "{bad}: {refused}");
+    }
+    let ok = ws
+        .call(json!({"op": "subscribe", "channel": "sub", "lease": 60, "window": 2}))
+        .await;
+    assert_eq!(ok["op"], "ok", "{ok}");
+    let pushed = |frame: Json| frame["id"].as_str().unwrap().to_string();
+    assert_eq!(pushed(ws.json().await), ids[0]);
+    assert_eq!(pushed(ws.json().await), ids[1]);
+    ws.assert_silent(Duration::from_millis(600)).await;
+    let ok = ws
+        .call(json!({"op": "ack", "ref": "a", "channel": "sub", "id": ids[0]}))
+        .await;
+    assert_eq!(ok["op"], "ok", "{ok}");
+    assert_eq!(pushed(ws.json().await), ids[2], "room in the window again");
+    ws.assert_silent(Duration::from_millis(300)).await;
+    drop(ws);
+    // The socket closed holding 1 and 2 unacknowledged: they come back first (once the
+    // server has seen it close).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let left: Vec<String> = api
+        .drain("sub")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(left, ids[1..]);
+}
+
+#[tokio::test]
+async fn a_subscription_gets_a_message_again_once_its_lease_runs_out() {
+    let server = Server::start().await;
+    let api = Api::new(&server);
+    let id = api.send("again", &msg(1)).await;
+    let mut ws = Ws::connect(&server).await;
+    ws.call(json!({"op": "subscribe", "channel": "again", "lease": 1, "window": 1}))
+        .await;
+    assert_eq!(ws.json().await["id"].as_str(), Some(id.as_str()));
+    let start = Instant::now();
+    let again = ws
+        .next_within(Duration::from_secs(3))
+        .await
+        .expect("pushed again");
+    assert!(
+        format!("{again:?}").contains(&format!("\"{id}\"")),
+        "{again:?}"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(700),
+        "{:?}",
+        start.elapsed()
+    );
+    let ok = ws
+        .call(json!({"op": "ack", "channel": "again", "id": id}))
+        .await;
+    assert_eq!(ok["op"], "ok", "{ok}");
+}

@@ -168,6 +168,7 @@ pub(crate) async fn channel_events(
         groups: Vec::new(),
         ephemeral: false,
         held: Held::new(credentials.token()?, &access, needs),
+        leasing: None,
     };
     stream(&api, spec)
 }
@@ -249,6 +250,7 @@ async fn joined_stream(
         groups,
         ephemeral,
         held: Held::new(credentials.token()?, &access, needs),
+        leasing: None,
     };
     stream(&api, spec)
 }

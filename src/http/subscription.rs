@@ -18,13 +18,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::Stream;
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::time::{Instant, Sleep};
 
 use super::Api;
 use super::error::{ApiError, ErrorKind};
 use crate::auth::{Held, Policy};
-use crate::layer::{self, Gap, Receiver, Revoker};
+use crate::layer::{self, Gap, LeaseTerms, Receiver, Revoker};
 use crate::message::Message;
 
 /// What a subscription pushes to its client.
@@ -49,7 +50,23 @@ pub(crate) struct Spec {
     pub ephemeral: bool,
     /// What the subscription was allowed, checked again on reloads and at its token's expiry.
     pub held: Held,
+    /// Lease what it pushes, a window at a time (a WebSocket `subscribe` with `lease`).
+    pub leasing: Option<Leasing>,
 }
+
+/// How a subscription leases what it pushes: each message under `terms`, and at most
+/// `window` of them unacknowledged at once (as AMQP's prefetch count).
+#[derive(Debug, Clone)]
+pub(crate) struct Leasing {
+    pub terms: LeaseTerms,
+    pub window: usize,
+    /// Woken when one of its messages is acknowledged: the window has room again.
+    pub acked: Arc<AtomicWaker>,
+}
+
+/// How often a subscription whose window is full looks again without an
+/// acknowledgement (a lease that runs out frees room too): the lease timer's period.
+const WINDOW_RECHECK: Duration = Duration::from_millis(250);
 
 /// How often subscriptions whose token has expired are looked for: an expired token's
 /// streams end within this time.
@@ -232,6 +249,8 @@ pub(crate) struct Subscription {
     progress: Arc<Progress>,
     /// When to renew the group memberships next (only with groups).
     refresh: Option<Pin<Box<Sleep>>>,
+    /// When a full lease window is looked at again.
+    recheck: Option<Pin<Box<Sleep>>>,
     ended: bool,
 }
 
@@ -241,7 +260,8 @@ impl Subscription {
         if spec.last_event_id.is_some() {
             api.streams.take_over(&spec.channel);
         }
-        let receiver = api.layer.receiver(&spec.channel)?;
+        let lease = spec.leasing.as_ref().map(|leasing| leasing.terms);
+        let receiver = api.layer.receiver_with(&spec.channel, lease)?;
         let mut replay = VecDeque::new();
         if let Some(after) = spec.last_event_id {
             let found = api.layer.replay(&spec.channel, after)?;
@@ -277,6 +297,7 @@ impl Subscription {
             receiver,
             progress,
             refresh,
+            recheck: None,
             ended: false,
             spec,
         })
@@ -318,6 +339,9 @@ impl Subscription {
                 self.spec.channel.clone(),
             ));
         }
+        if self.window_is_full(cx) {
+            return Poll::Pending;
+        }
         let resumed_after = self.spec.last_event_id;
         loop {
             match self.receiver.poll_receive(cx) {
@@ -336,6 +360,27 @@ impl Subscription {
                 }
             }
         }
+    }
+
+    /// Whether it holds as many unacknowledged leases as its window allows; then it is
+    /// woken by the next acknowledgement, or looks again after [`WINDOW_RECHECK`].
+    fn window_is_full(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(leasing) = &self.spec.leasing else {
+            return false;
+        };
+        leasing.acked.register(cx.waker());
+        let holder = leasing.terms.holder.unwrap_or_default();
+        if self.api.layer.leases_held(&self.spec.channel, holder) < leasing.window {
+            return false;
+        }
+        let recheck = self
+            .recheck
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WINDOW_RECHECK)));
+        if recheck.as_mut().poll(cx).is_ready() {
+            recheck.as_mut().reset(Instant::now() + WINDOW_RECHECK);
+            let _ = recheck.as_mut().poll(cx);
+        }
+        true
     }
 
     /// Leaves the registry and, for an ephemeral channel, its groups and the channel.

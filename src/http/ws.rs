@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -34,7 +35,7 @@ use super::body::body_limit;
 use super::error::{ApiError, ErrorKind, quoted};
 use super::handlers::{membership, parse_lease, parse_wait};
 use super::reply::{ChannelReply, Echo, Format, Gap, GroupSent, Id};
-use super::subscription::{Push, Spec, Subscription, resume_point};
+use super::subscription::{Leasing, Push, Spec, Subscription, resume_point};
 use super::{Api, DECODE_INLINE_BYTES, Peer, blocking};
 use crate::auth::{Held, Need, Target};
 use crate::layer::LeaseTerms;
@@ -289,6 +290,24 @@ impl Request {
         }
     }
 
+    /// The request's `"window"`: unacknowledged pushes at once, 1 to [`MAX_WINDOW`]
+    /// (default [`DEFAULT_WINDOW`]).
+    fn window(&self) -> Result<usize, ApiError> {
+        match self.get("window") {
+            None | Some(Value::Nil) => Ok(DEFAULT_WINDOW),
+            Some(Value::Integer(i))
+                if i.as_u64()
+                    .is_some_and(|w| (1..=MAX_WINDOW as u64).contains(&w)) =>
+            {
+                Ok(i.as_u64().unwrap_or_default() as usize)
+            }
+            Some(_) => Err(ApiError::new(
+                ErrorKind::InvalidParameter,
+                format!("\"window\" must be a whole number from 1 to {MAX_WINDOW}"),
+            )),
+        }
+    }
+
     /// The request's `"message"`.
     fn message(&self) -> Result<Message, ApiError> {
         self.message.clone().unwrap_or_else(|| {
@@ -444,7 +463,13 @@ struct Connection {
     holder: u64,
     /// The channels it took leased messages from: their leases end when it closes.
     leasing: HashSet<String>,
+    /// The lease windows of its leasing subscriptions, by channel, woken by its acks.
+    windows: HashMap<String, Arc<AtomicWaker>>,
 }
+
+/// Unacknowledged pushes a leasing subscription may have at once, by default and at most.
+const DEFAULT_WINDOW: usize = 16;
+const MAX_WINDOW: usize = 10_000;
 
 /// The holder ids of connections, one each.
 static NEXT_HOLDER: AtomicU64 = AtomicU64::new(1);
@@ -475,6 +500,7 @@ async fn serve(api: Api, socket: Socket, token: Option<String>, peer: Option<Pee
         closed: CancellationToken::new(),
         holder: NEXT_HOLDER.fetch_add(1, Ordering::Relaxed),
         leasing: HashSet::new(),
+        windows: HashMap::new(),
     };
     let default_type = api.default_type().map(str::to_string);
     loop {
@@ -613,6 +639,9 @@ impl Connection {
                         format!("channel {channel} holds no leased message {id}"),
                     ));
                 }
+                if let Some(window) = self.windows.get(channel) {
+                    window.wake();
+                }
                 self.ok(request, ()).await;
             }
             "subscribe" => self.subscribe(request).await?,
@@ -704,12 +733,30 @@ impl Connection {
         let needs = vec![Need::Subscribe(Target::Channel(channel.clone()))];
         let access = self.authorize(&needs)?;
         crate::names::check_channel(&channel)?;
+        let leasing = match request.lease()? {
+            Some(duration) => Some(Leasing {
+                terms: LeaseTerms {
+                    duration,
+                    holder: Some(self.holder),
+                },
+                window: request.window()?,
+                acked: Arc::default(),
+            }),
+            None if request.get("window").is_some_and(|w| !w.is_nil()) => {
+                return Err(ApiError::new(
+                    ErrorKind::InvalidParameter,
+                    "\"window\" needs a \"lease\"",
+                ));
+            }
+            None => None,
+        };
         let spec = Spec {
             channel: channel.clone(),
             last_event_id: resume_point(&self.api, request.optional_id("last_event_id")?)?,
             groups: Vec::new(),
             ephemeral: false,
             held: Held::new(self.token.as_deref(), &access, needs),
+            leasing: leasing.clone(),
         };
         let most = self.api.limits.max_subscriptions_per_connection;
         if self.subscriptions.len() >= most && !self.subscriptions.contains_key(&channel) {
@@ -726,6 +773,15 @@ impl Connection {
         self.ok(request, ()).await;
         let mut pushes = Subscription::start(&self.api, spec)?;
         self.subscriptions.insert(channel.clone(), pushes.stopper());
+        match leasing {
+            Some(leasing) => {
+                self.leasing.insert(channel.clone());
+                self.windows.insert(channel.clone(), leasing.acked);
+            }
+            None => {
+                self.windows.remove(&channel);
+            }
+        }
         let outbox = self.outbox.clone();
         let format = request.format;
         tokio::spawn(async move {

@@ -96,6 +96,17 @@ impl ChannelLayer {
         Ok(true)
     }
 
+    /// How many messages of `channel` `holder` holds under a lease now.
+    pub fn leases_held(&self, channel: &str, holder: u64) -> usize {
+        let state = self.inner.state.lock();
+        state.channels.get(channel).map_or(0, |ch| {
+            ch.leased
+                .values()
+                .filter(|lease| lease.holder == Some(holder))
+                .count()
+        })
+    }
+
     /// Puts every message whose lease ran out back at the head of its channel (unless
     /// it expired meanwhile). The server calls it a few times a second.
     pub fn end_leases(&self) {
