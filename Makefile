@@ -1,7 +1,7 @@
 # Herald: the two commands a newcomer needs are `make run` and `make test`.
 CARGO ?= cargo
 
-.PHONY: run test soak lint bench bench-load bench-publish bench-auth bench-hostile bench-compare clean
+.PHONY: run test test-python soak lint bench bench-load bench-publish bench-auth bench-hostile bench-compare clean
 
 # The peers' benchmark harness (Django Channels + Redis, warp hello), beside the project.
 SHARED ?= ../shared
@@ -10,9 +10,21 @@ SHARED ?= ../shared
 run:
 	$(CARGO) run --release -- serve
 
-## Every test: unit, layer (model-based, concurrency, restart) and real-server integration tests.
+## Every test: unit, layer (model-based, concurrency, restart) and real-server integration
+## tests, then the Django layer package's (clients/python: Django Channels' and
+## channels_redis' own layer suites, and a daphne app) against the debug server.
 test:
 	$(CARGO) test --workspace --lib --bins --tests
+	$(MAKE) test-python
+
+## The Python package's tests, in a virtualenv under target/ (needs python3-venv).
+PYENV := target/pyenv
+test-python:
+	$(CARGO) build --quiet
+	@test -x $(PYENV)/bin/python || python3 -m venv $(PYENV) || \
+		{ echo "python3 -m venv failed: apt-get install python3-venv" >&2; exit 1; }
+	$(PYENV)/bin/pip install --quiet --upgrade -e 'clients/python[test]'
+	HERALD_BIN=$(CURDIR)/target/debug/herald $(PYENV)/bin/python -m pytest -q -p no:cacheprovider clients/python/tests
 
 ## Long runs (release): 10 minutes of constant load whose memory and disk must level
 ## off (tests/soak.rs), then 200 SIGKILL/restart cycles under load (tests/crash.rs).
