@@ -568,7 +568,7 @@ async fn unknown_paths_are_404_and_wrong_methods_405() {
     for path in [
         "/v1/nothing",
         "/v2/channels/a/messages",
-        "/v1/channels/a/messages/extra",
+        "/v1/channels/a/messages/1/extra",
         "/",
     ] {
         refused(http.get(server.url(path)), 404, "not_found").await;
@@ -576,6 +576,8 @@ async fn unknown_paths_are_404_and_wrong_methods_405() {
     let cases = [
         ("PATCH", "/v1/channels/a/messages"),
         ("DELETE", "/v1/channels/a/messages"),
+        ("GET", "/v1/channels/a/messages/1"),
+        ("POST", "/v1/channels/a/messages/1"),
         ("PUT", "/v1/channels/a/messages"),
         ("GET", "/v1/flush"),
         ("DELETE", "/v1/flush"),
