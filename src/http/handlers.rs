@@ -431,6 +431,9 @@ pub async fn backup(credentials: Credentials, api: Api) -> Result<Response, Reje
         .await?
         .map_err(ApiError::from)?;
     let chunks = futures_util::stream::try_unfold(backup, |mut backup| async move {
+        // One chunk at a time over all backups: together they take at most one core
+        // from the requests.
+        let _lane = BACKUP_LANE.acquire().await;
         let (backup, chunk) = blocking(move || {
             let chunk = backup.next_chunk();
             (backup, chunk)
@@ -461,6 +464,9 @@ pub async fn backup(credentials: Credentials, api: Api) -> Result<Response, Reje
     );
     Ok(response)
 }
+
+/// Backup chunks are read one at a time (see [`backup`]).
+static BACKUP_LANE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 /// Why a backup stream stopped: the response then ends without its last chunk, so the
 /// client sees the dump cut short.

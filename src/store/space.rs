@@ -156,8 +156,16 @@ mod tests {
             before > 40 << 20,
             "sled keeps the files until its segment closes"
         );
-        store.reclaim().unwrap();
-        let after = store.measure_disk();
+        // sled deletes the files of closed segments by itself, a moment later under
+        // load; the sweep reclaims again while the directory stays over its bound.
+        let mut after = before;
+        for _ in 0..3 {
+            store.reclaim().unwrap();
+            after = store.measure_disk();
+            if after < 8 << 20 {
+                break;
+            }
+        }
         assert!(after < 8 << 20, "{after} bytes left of {before}");
     }
 }
