@@ -45,5 +45,9 @@ class HeraldServer:
 
 
 #: The layer settings of the upstream suites: capacity 3, and 1 for the channels "tiny"
-#: and "one" (and room for the channels of this package's own tests named "roomy.*").
-SUITE_CONFIG = '[layer]\ncapacity = 3\n[layer.channel_capacity]\n"tiny" = 1\n"one" = 1\n"roomy.*" = 1000\n'
+#: and "one"; an expiry of 3 s for new_channel()'s channels, which channels_redis'
+#: expiry tests give their layer (and room for this package's own "roomy.*" channels).
+SUITE_CONFIG = (
+    '[layer]\ncapacity = 3\n[layer.channel_capacity]\n"tiny" = 1\n"one" = 1\n"roomy.*" = 1000\n'
+    '[layer.channel_expiry]\n"specific.*" = 3\n'
+)

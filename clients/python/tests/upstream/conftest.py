@@ -5,10 +5,10 @@ The test files here are copied unchanged from django/channels 4.3.2
 django/channels_redis 4.3.0 (``tests/test_core.py``), both BSD-licensed by the Django
 Software Foundation and individual contributors. This file makes the layer classes they
 construct (``InMemoryChannelLayer``, ``RedisChannelLayer``) HeraldChannelLayers on one
-Herald server configured as the suites expect (capacity 3, and 1 for ``tiny``), and
-flushes it before each test. The tests that look into one implementation's internals,
-or give a layer instance settings that are the server's in Herald, are deselected below,
-each with its reason.
+Herald server configured as the suites expect (capacity 3, 1 for ``tiny`` and ``one``,
+and the 3 s expiry that channels_redis' expiry tests give their layer, for
+``specific.*``), and flushes it before each test. The tests that look into one
+implementation's internals are deselected below, each with its reason.
 """
 
 import sys
@@ -68,11 +68,6 @@ NOT_APPLICABLE = {
     "test_core.py::test_default_group_key_format": "Redis key format",
     "test_core.py::test_custom_group_key_format": "Redis key format",
     "test_core.py::test_receive_buffer_respects_capacity": "RedisChannelLayer.receive_buffer",
-    # Expiry is the server's setting ([layer] expiry_secs), not a layer instance's.
-    "test_core.py::test_message_expiry__earliest_message_expires": "per-instance expiry",
-    "test_core.py::test_message_expiry__all_messages_under_expiration_time": "per-instance expiry",
-    "test_core.py::test_message_expiry__group_send": "per-instance expiry",
-    "test_core.py::test_message_expiry__group_send__one_channel_expires_message": "per-instance expiry",
 }
 
 
