@@ -92,8 +92,13 @@ def daphne(server):
                 raise RuntimeError(f"daphne did not start: {process.stderr.read().decode()}")
             time.sleep(0.1)
     yield f"ws://127.0.0.1:{port}/ws/chat/"
+    # daphne waits for its open connections after SIGTERM: give it a moment, then kill.
     process.terminate()
-    process.wait(timeout=10)
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
     project.cleanup()
 
 
