@@ -74,6 +74,54 @@ pub struct ServerSettings {
     /// empty: only loopback names when listening on loopback, otherwise any.
     #[serde(default)]
     pub allowed_hosts: Vec<String>,
+    /// A second address serving only `/metrics`, `/healthz` and `/readyz`, without
+    /// access control (for a Prometheus on a private network); empty: none.
+    #[serde(default, with = "optional_address")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// How the server writes its log: `text` for people, `json` for one object a line.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// `server.log_format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Lines for people, as `tracing` writes them.
+    #[default]
+    Text,
+    /// One JSON object a line, the start-up banner included.
+    Json,
+}
+
+/// An address that may be left empty (`""`) in the configuration.
+mod optional_address {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        addr: &Option<SocketAddr>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => serializer.collect_str(addr),
+            None => serializer.serialize_str(""),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        text.trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not an address: {e}")))
+    }
 }
 
 /// `[auth]`: access control. Compiled and checked by [`crate::auth::Policy::new`].

@@ -58,6 +58,8 @@ pub enum Failure {
         endpoint: String,
         source: reqwest::Error,
     },
+    #[error("{code}: {message}")]
+    Api { code: String, message: String },
     #[error("{endpoint} answered {status}: {body}")]
     Refused {
         endpoint: String,

@@ -12,6 +12,7 @@
 //!   one file per concern. No HTTP, no keys.
 //! - [`http`]: the warp routes (HTTP, SSE, WebSocket) and the one mapping of errors to status codes.
 //! - [`server`]: binds, serves, sweeps, and shuts down on a signal.
+//! - `metrics`: the Prometheus metrics every layer records into.
 //!
 //! The load generator, `herald-bench`, is a crate of its own in `benches/load/`.
 
@@ -20,6 +21,7 @@ pub mod config;
 pub mod http;
 pub mod layer;
 pub mod message;
+mod metrics;
 pub mod names;
 pub mod server;
 pub mod store;

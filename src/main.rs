@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use herald::auth;
-use herald::config::{AuthSettings, Settings, TokenSettings};
+use herald::config::{AuthSettings, LogFormat, Settings, TokenSettings};
 use herald::server;
 
 use crate::failure::Failure;
 
+mod client;
 mod dump;
 mod failure;
 
@@ -107,6 +108,14 @@ enum Command {
     /// Make access tokens: an opaque token for `[[auth.tokens]]`, or a JWT.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Publish a message to a channel or a group; prints its id (for a group, how
+    /// many members got it and how many were full).
+    Publish(client::Publish),
+    /// Print the messages of a channel or a group as they arrive (or run a command for
+    /// each), reconnecting and resuming until Ctrl-C.
+    Subscribe(client::Subscribe),
+    /// Print the server's stats as a table.
+    Stats(client::ServerArgs),
 }
 
 #[derive(Subcommand)]
@@ -172,13 +181,11 @@ fn bench(args: Vec<std::ffi::OsString>) -> Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The server logs as `server.log_format` says, once its settings are read.
+    let mut log_format = LogFormat::Text;
+    if !matches!(cli.command, Command::Serve { .. }) {
+        init_logging(log_format);
+    }
     // The file `herald serve` reads again on SIGHUP.
     let config_file = match &cli.command {
         Command::Serve { config, .. } => config.clone(),
@@ -196,6 +203,8 @@ fn main() -> ExitCode {
             if let Some(default_type) = default_message_type {
                 settings.server.default_message_type = default_type;
             }
+            log_format = settings.server.log_format;
+            init_logging(log_format);
             serve(settings, config_file)
         }),
         Command::Config { config } => load(config, None, None).and_then(|settings| {
@@ -219,11 +228,19 @@ fn main() -> ExitCode {
             .and_then(|token| dump::backup(&url, &out, token.as_deref())),
         Command::Bench { args } => Err(bench(args)),
         Command::Token(command) => token(command),
+        Command::Publish(args) => client::publish(args),
+        Command::Subscribe(args) => client::subscribe(args),
+        Command::Stats(args) => client::stats(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("herald: {failure}");
+            say(
+                log_format,
+                Stream::Stderr,
+                "ERROR",
+                &format!("herald: {failure}"),
+            );
             ExitCode::from(failure.exit_code())
         }
     }
@@ -324,32 +341,24 @@ fn serve(settings: Settings, config: Option<PathBuf>) -> Result<(), Failure> {
         return Err(Failure::WideOpen(why));
     }
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::Runtime)?;
+    let format = settings.server.log_format;
     runtime.block_on(async {
-        // sled asserts on some damaged files: while opening, a panic is one line of
-        // stderr (the error that follows says what to do), not a backtrace.
-        let default_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|info| {
-            let place = info
-                .location()
-                .map(|l| format!(" ({}:{})", l.file(), l.line()))
-                .unwrap_or_default();
-            eprintln!(
-                "herald: internal error while opening the data directory: {}{place}",
-                server::panic_message(info.payload())
-            );
-        }));
-        let layer = server::open_layer(&settings).await;
-        std::panic::set_hook(default_hook);
-        let layer = layer?;
-        let listen = settings.server.listen;
-        let listen_failed = |source| Failure::Listen {
-            addr: listen,
-            source,
+        let bind = |addr: SocketAddr| async move {
+            let failed = |source| Failure::Listen { addr, source };
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
+            let local = listener.local_addr().map_err(failed)?;
+            Ok::<_, Failure>((listener, local))
         };
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(listen_failed)?;
-        let addr = listener.local_addr().map_err(listen_failed)?;
+        let (api, addr) = bind(settings.server.listen).await?;
+        let metrics = match settings.server.metrics_listen {
+            Some(metrics_addr) => Some(bind(metrics_addr).await?),
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().map(|(_, addr)| addr.to_string());
+        let listeners = server::Listeners {
+            api,
+            metrics: metrics.map(|(listener, _)| listener),
+        };
         // Before announcing the address: a SIGTERM right after it shuts down cleanly.
         let shutdown = server::signal().map_err(Failure::Signals)?;
         let reload = server::Reload::install(move || {
@@ -363,13 +372,83 @@ fn serve(settings: Settings, config: Option<PathBuf>) -> Result<(), Failure> {
                  the port may publish and subscribe everywhere"
             );
         }
-        tracing::info!(
-            %addr,
-            data_dir = %settings.storage.data_dir.display(),
-            durability = ?settings.storage.durability,
-            "herald is serving"
-        );
-        println!("herald listening on http://{addr}");
-        Ok(server::run(settings, layer, listener, shutdown, reload).await?)
+        let data_dir = settings.storage.data_dir.display().to_string();
+        let durability = format!("{:?}", settings.storage.durability).to_lowercase();
+        let auth_mode = auth::mode(&settings.auth, loopback);
+        tracing::info!(%addr, data_dir, durability, auth = auth_mode, metrics = metrics_addr, "herald is starting: opening the data");
+        let opening = async {
+            // sled asserts on some damaged files: while opening, a panic is one line
+            // of stderr (the error that follows says what to do), not a backtrace.
+            let default_hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                let place = info
+                    .location()
+                    .map(|l| format!(" ({}:{})", l.file(), l.line()))
+                    .unwrap_or_default();
+                say(
+                    format,
+                    Stream::Stderr,
+                    "ERROR",
+                    &format!(
+                        "herald: internal error while opening the data directory: {}{place}",
+                        server::panic_message(info.payload())
+                    ),
+                );
+            }));
+            let layer = server::open_layer(&settings).await;
+            std::panic::set_hook(default_hook);
+            layer
+        };
+        let ready = || {
+            tracing::info!(%addr, data_dir, durability, auth = auth_mode, "herald is serving");
+            say(
+                format,
+                Stream::Stdout,
+                "INFO",
+                &format!("herald listening on http://{addr}"),
+            );
+        };
+        server::run(settings.clone(), listeners, opening, shutdown, reload, ready).await?;
+        tracing::info!(%addr, data_dir, durability, auth = auth_mode, "herald stopped");
+        Ok(())
     })
+}
+
+/// Where [`say`] writes.
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Writes one line outside the log (the start-up banner, a fatal error): as it is, or
+/// as a JSON object shaped as the log's lines when the log is JSON.
+fn say(format: LogFormat, stream: Stream, level: &str, message: &str) {
+    let line = match format {
+        LogFormat::Text => message.to_string(),
+        LogFormat::Json => serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            "level": level,
+            "message": message,
+            "target": "herald",
+        })
+        .to_string(),
+    };
+    match stream {
+        Stream::Stdout => println!("{line}"),
+        Stream::Stderr => eprintln!("{line}"),
+    }
+}
+
+/// Logs to stderr as `format` says, at the level of `RUST_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => log.init(),
+        LogFormat::Json => log.json().flatten_event(true).init(),
+    }
 }

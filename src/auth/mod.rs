@@ -102,7 +102,28 @@ pub(crate) struct Policy {
     default: Grant,
     tokens: Tokens,
     jwt: Option<Verifier>,
-    token_count: usize,
+    listing: Listing,
+}
+
+/// What the access control allows whom, for an administrator: the tokens' names and
+/// permissions (never their hashes), the default access in force, and whether JWTs
+/// are accepted.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Listing {
+    tokens: Vec<TokenListing>,
+    default_access: DefaultAccess,
+    jwt: bool,
+}
+
+/// One configured token, without its hash.
+#[derive(Debug, Clone, serde::Serialize)]
+struct TokenListing {
+    name: String,
+    publish: Vec<String>,
+    subscribe: Vec<String>,
+    admin: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires: Option<String>,
 }
 
 impl Policy {
@@ -156,7 +177,23 @@ impl Policy {
             tokens.insert(digest, Arc::new(principal));
         }
         let jwt = Verifier::new(settings)?;
-        let default = match effective_default(settings, loopback) {
+        let default_access = effective_default(settings, loopback);
+        let listing = Listing {
+            tokens: settings
+                .tokens
+                .iter()
+                .map(|t| TokenListing {
+                    name: t.name.clone(),
+                    publish: t.publish.clone(),
+                    subscribe: t.subscribe.clone(),
+                    admin: t.admin,
+                    expires: t.expires.clone(),
+                })
+                .collect(),
+            default_access,
+            jwt: jwt.is_some(),
+        };
+        let default = match default_access {
             DefaultAccess::All => Grant {
                 publish: Patterns::every(),
                 subscribe: Patterns::every(),
@@ -176,7 +213,7 @@ impl Policy {
             default,
             tokens,
             jwt,
-            token_count: settings.tokens.len(),
+            listing,
         })
     }
 
@@ -221,7 +258,12 @@ impl Policy {
 
     /// How many opaque tokens are configured (for the log).
     pub(crate) fn token_count(&self) -> usize {
-        self.token_count
+        self.listing.tokens.len()
+    }
+
+    /// The tokens' names and permissions and the default access, for `/v1/admin/tokens`.
+    pub(crate) fn listing(&self) -> &Listing {
+        &self.listing
     }
 }
 
@@ -259,6 +301,28 @@ pub fn wide_open(settings: &AuthSettings, loopback: bool) -> Option<String> {
              \"all\" to stay open)"
                 .to_string()
         })
+}
+
+/// The access control of `settings` in a few words, for the start-up log: the default
+/// access in force, how many tokens, whether JWTs are accepted.
+pub fn mode(settings: &AuthSettings, loopback: bool) -> String {
+    let default = match effective_default(settings, loopback) {
+        DefaultAccess::All => "all",
+        DefaultAccess::Publish => "publish",
+        DefaultAccess::Subscribe => "subscribe",
+        DefaultAccess::None | DefaultAccess::Unset => "none",
+    };
+    let jwt = if settings.jwt_secret.expose().is_empty()
+        && settings.jwt_public_key_file.as_os_str().is_empty()
+    {
+        "no JWT"
+    } else {
+        "JWT"
+    };
+    format!(
+        "default_access {default}, {} tokens, {jwt}",
+        settings.tokens.len()
+    )
 }
 
 /// Whether `settings` explicitly open everything on a non-loopback address (worth a

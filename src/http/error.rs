@@ -60,6 +60,27 @@ pub(crate) enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, for the metrics to show each code before its first refusal.
+    pub const ALL: [ErrorKind; 17] = [
+        ErrorKind::InvalidName,
+        ErrorKind::InvalidMessage,
+        ErrorKind::InvalidBody,
+        ErrorKind::InvalidParameter,
+        ErrorKind::InvalidLastEventId,
+        ErrorKind::Unauthorized,
+        ErrorKind::Forbidden,
+        ErrorKind::NotFound,
+        ErrorKind::MethodNotAllowed,
+        ErrorKind::MessageTooLarge,
+        ErrorKind::ChannelFull,
+        ErrorKind::LimitReached,
+        ErrorKind::RateLimited,
+        ErrorKind::RequestTimeout,
+        ErrorKind::Unavailable,
+        ErrorKind::StorageFull,
+        ErrorKind::Internal,
+    ];
+
     /// The `code` clients see.
     pub fn code(self) -> &'static str {
         match self {
@@ -170,8 +191,21 @@ impl ApiError {
         }
     }
 
-    /// The HTTP answer: always JSON, whatever the request asked for.
+    /// Counts the refusal in the metrics and logs it (at debug): every error sent to a
+    /// client, as a response or a WebSocket frame, passes here.
+    pub(crate) fn record(&self) {
+        crate::metrics::metrics().refused(self.kind.code());
+        tracing::debug!(code = self.kind.code(), message = %self.message, "request refused");
+    }
+
+    /// The HTTP answer, counted and logged: always JSON, whatever the request asked for.
     pub(crate) fn into_response(self) -> Response {
+        self.record();
+        self.response()
+    }
+
+    /// The HTTP answer, not counted (for one made ahead and sent later).
+    pub(crate) fn response(self) -> Response {
         let mut response = respond(
             Format::Json,
             self.kind.status(),

@@ -3,12 +3,13 @@
 //! layer once, and answers with a document or an error.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
 
 use warp::http::StatusCode;
+use warp::http::header::{CONTENT_TYPE, HeaderValue};
 use warp::reply::Response;
 use warp::{Rejection, Reply};
 
@@ -17,7 +18,8 @@ use super::error::{ApiError, ErrorKind, quoted};
 use super::reply::{ChannelReply, Format, GroupSent, Id, empty, respond};
 use super::{Api, MessageBody, Peer, Query, blocking};
 use crate::auth::{Need, Target};
-use crate::layer::{GroupInfo, LeaseTerms, PageRequest};
+use crate::layer::{GroupInfo, LeaseTerms, PageRequest, Stats};
+use crate::metrics::{PerTransport, Publish, Published, Transport, metrics};
 
 /// POST /v1/channels/{channel}/messages
 pub async fn send(
@@ -28,6 +30,7 @@ pub async fn send(
     peer: Option<Peer>,
     api: Api,
 ) -> Result<Response, Rejection> {
+    let started = Instant::now();
     let access = api.authorize(
         &credentials,
         &[Need::Publish(Target::Channel(channel.clone()))],
@@ -40,6 +43,7 @@ pub async fn send(
         .send(&channel, message)
         .await
         .map_err(ApiError::from)?;
+    metrics().published(Publish::Send, started);
     Ok(respond(
         format,
         StatusCode::ACCEPTED,
@@ -117,15 +121,18 @@ pub async fn receive(
         _ = api.shutdown.cancelled() => None,
     };
     Ok(match received {
-        Some(delivery) => respond(
-            format,
-            StatusCode::OK,
-            &ChannelReply {
-                channel: &channel,
-                id: Some(Id(delivery.id)),
-                message: Some(&delivery.message),
-            },
-        ),
+        Some(delivery) => {
+            metrics().deliveries(Transport::Http).inc();
+            respond(
+                format,
+                StatusCode::OK,
+                &ChannelReply {
+                    channel: &channel,
+                    id: Some(Id(delivery.id)),
+                    message: Some(&delivery.message),
+                },
+            )
+        }
         None => empty(StatusCode::NO_CONTENT),
     })
 }
@@ -297,7 +304,56 @@ pub async fn stats(
     api: Api,
 ) -> Result<Response, Rejection> {
     api.authorize(&credentials, &[Need::Admin])?;
-    Ok(admin_read(format, "stats", api.layer.stats()))
+    let metrics = metrics();
+    let stats = ServerStats {
+        layer: api.layer.stats(),
+        connections: metrics.connection_totals(),
+        subscriptions: metrics.subscription_total(),
+        published: metrics.published_totals(),
+        deliveries: metrics.delivery_totals(),
+    };
+    Ok(admin_read(format, "stats", stats))
+}
+
+/// The layer's totals and the server's own: connections, subscriptions, and what was
+/// published and delivered since the start.
+#[derive(Serialize)]
+struct ServerStats {
+    #[serde(flatten)]
+    layer: Stats,
+    connections: PerTransport,
+    subscriptions: u64,
+    published: Published,
+    deliveries: PerTransport,
+}
+
+/// GET /v1/admin/tokens: the configured tokens' names and permissions, never secrets.
+pub async fn tokens(
+    format: Format,
+    credentials: Credentials,
+    api: Api,
+) -> Result<Response, Rejection> {
+    api.authorize(&credentials, &[Need::Admin])?;
+    Ok(respond(format, StatusCode::OK, api.policy().listing()))
+}
+
+/// GET /metrics: every metric in the Prometheus text format (admin, unless served on
+/// `server.metrics_listen`, whose routes pass `open`).
+pub async fn metrics_text(
+    open: bool,
+    credentials: Credentials,
+    api: Api,
+) -> Result<Response, Rejection> {
+    if !open {
+        api.authorize(&credentials, &[Need::Admin])?;
+    }
+    let text = metrics().render(&api.layer.stats());
+    let mut response = Response::new(text.into());
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    Ok(response)
 }
 
 /// A 200 whose one field `key` holds `value`, for the admin reads.
@@ -401,6 +457,7 @@ pub async fn group_send(
     peer: Option<Peer>,
     api: Api,
 ) -> Result<Response, Rejection> {
+    let started = Instant::now();
     let access = api.authorize(&credentials, &[Need::Publish(Target::Group(group.clone()))])?;
     api.admit()?;
     api.take_publish(&access, peer)?;
@@ -410,6 +467,7 @@ pub async fn group_send(
         .group_send(&group, message)
         .await
         .map_err(ApiError::from)?;
+    metrics().published(Publish::GroupSend, started);
     Ok(respond(
         format,
         StatusCode::ACCEPTED,
@@ -459,8 +517,8 @@ pub async fn backup(credentials: Credentials, api: Api) -> Result<Response, Reje
     });
     let mut response = warp::reply::stream(chunks).into_response();
     response.headers_mut().insert(
-        warp::http::header::CONTENT_TYPE,
-        warp::http::HeaderValue::from_static("application/x-ndjson"),
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
     );
     Ok(response)
 }

@@ -44,13 +44,22 @@ pub(crate) fn refusal(why: Refusal, event_stream: bool) -> Response {
     error.retry_after(1).into_response()
 }
 
-/// The 408 `request_timeout` for a request head that did not come whole in time.
+/// The 408 `request_timeout` for a request head that did not come whole in time, made
+/// once and sent as it is ([`head_timed_out_sent`] counts each time).
 pub(crate) fn head_timed_out() -> Response {
+    head_timeout().response()
+}
+
+/// Counts and logs a [`head_timed_out`] answer sent.
+pub(crate) fn head_timed_out_sent() {
+    head_timeout().record();
+}
+
+fn head_timeout() -> ApiError {
     ApiError::new(
         ErrorKind::RequestTimeout,
         "the request head did not come within server.request_timeout_secs",
     )
-    .into_response()
 }
 
 /// The address a connection comes from, put into each request's extensions by the

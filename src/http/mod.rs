@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
+use warp::http::header::{CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderValue, X_FRAME_OPTIONS};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
@@ -33,7 +34,9 @@ use crate::layer::ChannelLayer;
 use error::{ApiError, ErrorKind};
 use limits::{ClientKey, PublishRate};
 
-pub(crate) use limits::{Peer, Refusal, client_address, head_timed_out, refusal};
+pub(crate) use limits::{
+    Peer, Refusal, client_address, head_timed_out, head_timed_out_sent, refusal,
+};
 use reply::Format;
 
 /// What every handler needs, shared: cloning it for a request costs one reference count.
@@ -79,6 +82,7 @@ impl Api {
             ..
         } = settings.clone();
         let loopback = settings.listen.ip().is_loopback();
+        crate::metrics::metrics().know_refusals(ErrorKind::ALL.map(ErrorKind::code));
         Ok(Api(Arc::new(ApiState {
             layer,
             publish_rate: PublishRate::new(&limits),
@@ -413,13 +417,29 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .and(access::credentials())
         .and(with_api(api.clone()))
         .and_then(handlers::stats);
-    let health = warp::path!("healthz").and(warp::get()).map(|| {
-        /// The liveness answer: `{"status": "ok"}`.
-        #[derive(serde::Serialize)]
-        struct Health {
-            status: &'static str,
-        }
-        reply::respond(Format::Json, StatusCode::OK, &Health { status: "ok" })
+    let tokens = warp::path!("admin" / "tokens")
+        .and(warp::get())
+        .and(format())
+        .and(access::credentials())
+        .and(with_api(api.clone()))
+        .and_then(handlers::tokens);
+    let console = warp::path!("console").and(warp::get()).map(|| {
+        let mut page = Response::new(CONSOLE.into());
+        let headers = page.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        // The page runs only its own script and talks only to this server.
+        headers.insert(
+            CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+            ),
+        );
+        headers.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        page
     });
 
     let channels = warp::path("channels").and(any_of(vec![
@@ -446,9 +466,15 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         flush.boxed(),
         backup.boxed(),
         stats.boxed(),
+        tokens.boxed(),
         layer_settings.boxed(),
     ]));
-    let all = any_of(vec![v1.boxed(), health.boxed()]);
+    let all = any_of(vec![
+        v1.boxed(),
+        probes(api.clone()),
+        metrics(api.clone(), false),
+        console.boxed(),
+    ]);
 
     // Requests from another origin (allowed by `browser_rules`) go through CORS; the
     // rest, including the server's own origin, are served as they are.
@@ -498,4 +524,99 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .recover(error::handle_rejection)
         .unify()
         .boxed()
+}
+
+/// The console page, embedded in the binary.
+const CONSOLE: &str = include_str!("console.html");
+
+/// The liveness answer: `{"status": "ok"}` whenever the process serves HTTP.
+fn health() -> BoxedFilter<(Response,)> {
+    warp::path!("healthz")
+        .and(warp::get())
+        .map(|| status(StatusCode::OK, "ok"))
+        .boxed()
+}
+
+/// A `{"status": ...}` answer of the probes.
+fn status(code: StatusCode, status: &'static str) -> Response {
+    /// The probes' body.
+    #[derive(serde::Serialize)]
+    struct Status {
+        status: &'static str,
+    }
+    reply::respond(Format::Json, code, &Status { status })
+}
+
+/// `/healthz`, and `/readyz`: 200 `ready` while the API is served, 503 `draining` once
+/// the server is shutting down.
+fn probes(api: Api) -> BoxedFilter<(Response,)> {
+    let ready = warp::path!("readyz").and(warp::get()).map(move || {
+        if api.shutdown.is_cancelled() {
+            status(StatusCode::SERVICE_UNAVAILABLE, Unready::Draining.status())
+        } else {
+            status(StatusCode::OK, "ready")
+        }
+    });
+    any_of(vec![health(), ready.boxed()])
+}
+
+/// `GET /metrics`; `open` serves it without access control (on `server.metrics_listen`).
+fn metrics(api: Api, open: bool) -> BoxedFilter<(Response,)> {
+    warp::path!("metrics")
+        .and(warp::get())
+        .map(move || open)
+        .and(access::credentials())
+        .and(with_api(api))
+        .and_then(handlers::metrics_text)
+        .boxed()
+}
+
+/// The routes of `server.metrics_listen`: `/metrics` without access control, and the
+/// probes.
+pub fn metrics_routes(api: Api) -> BoxedFilter<(Response,)> {
+    any_of(vec![metrics(api.clone(), true), probes(api)])
+        .recover(error::handle_rejection)
+        .unify()
+        .boxed()
+}
+
+/// Why the API is not served (yet, or any more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unready {
+    /// The data is being opened and rebuilt.
+    Starting,
+    /// The server is shutting down.
+    Draining,
+}
+
+impl Unready {
+    /// The `status` `/readyz` reports.
+    fn status(self) -> &'static str {
+        match self {
+            Unready::Starting => "starting",
+            Unready::Draining => "draining",
+        }
+    }
+}
+
+/// The routes while the API is not served: `/healthz`, a 503 `/readyz`, the SSE
+/// `retry:` hint for event streams (`EventSource` gives up for good on an error status)
+/// and 503 `unavailable` for everything else.
+pub fn unready(why: Unready) -> BoxedFilter<(Response,)> {
+    let ready = warp::path!("readyz")
+        .and(warp::get())
+        .map(move || status(StatusCode::SERVICE_UNAVAILABLE, why.status()));
+    let rest = warp::header::optional::<String>("accept").map(move |accept: Option<String>| {
+        if accept.is_some_and(|a| a.contains("text/event-stream")) {
+            return sse::retry_later();
+        }
+        let message = match why {
+            Unready::Starting => "the server is starting; try again shortly",
+            Unready::Draining => "the server is shutting down",
+        };
+        ApiError::new(ErrorKind::Unavailable, message)
+            .retry_after(1)
+            .into_response()
+    });
+    any_of(vec![health(), ready.boxed(), rest.boxed()])
 }

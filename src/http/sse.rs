@@ -23,6 +23,7 @@ use super::reply::{Gap, Id};
 use super::subscription::{Push, Spec, Subscription, resume_point};
 use super::{Api, Query};
 use crate::auth::{Held, Need, Target};
+use crate::metrics::{Carrying, Transport};
 use crate::names;
 
 /// How long a browser turned away at the connection limit waits before retrying.
@@ -90,6 +91,8 @@ struct Events {
     every: Duration,
     keepalive: Pin<Box<Sleep>>,
     last_write: Instant,
+    /// Counts its connection as carrying an event stream while it runs.
+    _carrying: Carrying,
 }
 
 impl Stream for Events {
@@ -131,7 +134,7 @@ pub(super) fn retry_later() -> Response {
 }
 
 fn stream(api: &Api, spec: Spec) -> Result<Response, Rejection> {
-    let subscription = Subscription::start(api, spec).map_err(ApiError::from)?;
+    let subscription = Subscription::start(api, spec, Transport::Sse).map_err(ApiError::from)?;
     let every = Duration::from_secs(api.settings.keepalive_secs);
     let last_write = Instant::now();
     let events = Events {
@@ -139,6 +142,7 @@ fn stream(api: &Api, spec: Spec) -> Result<Response, Rejection> {
         every,
         keepalive: Box::pin(tokio::time::sleep_until(last_write + every)),
         last_write,
+        _carrying: Carrying::new(Transport::Sse),
     };
     let mut response = warp::reply::stream(events).into_response();
     let headers = response.headers_mut();

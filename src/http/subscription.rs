@@ -27,6 +27,8 @@ use super::error::{ApiError, ErrorKind};
 use crate::auth::{Held, Policy};
 use crate::layer::{self, Gap, LeaseTerms, Receiver, Revoker};
 use crate::message::Message;
+use crate::metrics::{Subscribed, Transport, metrics};
+use prometheus_client::metrics::counter::Counter;
 
 /// What a subscription pushes to its client.
 #[derive(Debug, Clone)]
@@ -252,11 +254,15 @@ pub(crate) struct Subscription {
     /// When a full lease window is looked at again.
     recheck: Option<Pin<Box<Sleep>>>,
     ended: bool,
+    /// Counts the messages it hands out, under its transport.
+    delivered: &'static Counter,
+    _counted: Subscribed,
 }
 
 impl Subscription {
-    /// Starts a subscription (taking its channel over when it resumes).
-    pub fn start(api: &Api, spec: Spec) -> Result<Self, layer::Error> {
+    /// Starts a subscription (taking its channel over when it resumes) whose messages
+    /// go out over `transport`.
+    pub fn start(api: &Api, spec: Spec, transport: Transport) -> Result<Self, layer::Error> {
         if spec.last_event_id.is_some() {
             api.streams.take_over(&spec.channel);
         }
@@ -300,6 +306,8 @@ impl Subscription {
             recheck: None,
             ended: false,
             spec,
+            delivered: metrics().deliveries(transport),
+            _counted: Subscribed::new(),
         })
     }
 
@@ -324,6 +332,9 @@ impl Subscription {
             return Poll::Ready(None);
         }
         if let Some(push) = self.replay.pop_front() {
+            if matches!(push, Push::Message { .. }) {
+                self.delivered.inc();
+            }
             return Poll::Ready(Some(push));
         }
         if let Some(refresh) = &mut self.refresh
@@ -353,6 +364,7 @@ impl Subscription {
                 // Already replayed.
                 Poll::Ready(Some(d)) if resumed_after.is_some_and(|after| d.id <= after) => {}
                 Poll::Ready(Some(d)) => {
+                    self.delivered.inc();
                     return Poll::Ready(Some(Push::Message {
                         id: d.id,
                         message: d.message,

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
@@ -41,6 +41,7 @@ use crate::auth::{Held, Need, Target};
 use crate::layer::LeaseTerms;
 use crate::layer::Revoker;
 use crate::message::{MAX_FIELD_BYTES, Message, Request as FieldsOf, parse_json_at};
+use crate::metrics::{Carrying, Publish, Transport, metrics};
 
 /// Frames waiting to be written to one socket.
 const OUTBOX: usize = 64;
@@ -369,6 +370,7 @@ fn encode_frame(format: Format, doc: &impl Serialize) -> Frame {
 }
 
 fn error_frame(format: Format, reference: Option<&Value>, error: &ApiError) -> Frame {
+    error.record();
     frame(format, "error", reference, error.doc())
 }
 
@@ -475,6 +477,7 @@ const MAX_WINDOW: usize = 10_000;
 static NEXT_HOLDER: AtomicU64 = AtomicU64::new(1);
 
 async fn serve(api: Api, socket: Socket, token: Option<String>, peer: Option<Peer>) {
+    let _carrying = Carrying::new(Transport::Ws);
     let (mut sink, mut incoming) = socket.split();
     let (outbox, mut outgoing) = Outbox::new(
         api.limits.max_write_buffer_bytes,
@@ -581,18 +584,22 @@ impl Connection {
                 self.ok(request, ()).await;
             }
             "send" => {
+                let started = Instant::now();
                 let channel = request.str("channel")?;
                 let access =
                     self.authorize(&[Need::Publish(Target::Channel(channel.to_string()))])?;
                 self.api.take_publish(&access, self.peer)?;
                 let id = layer.send(channel, request.message()?).await?;
+                metrics().published(Publish::Send, started);
                 self.ok(request, Acked { id: Id(id) }).await;
             }
             "group_send" => {
+                let started = Instant::now();
                 let group = request.str("group")?;
                 let access = self.authorize(&[Need::Publish(Target::Group(group.to_string()))])?;
                 self.api.take_publish(&access, self.peer)?;
                 let report = layer.group_send(group, request.message()?).await?;
+                metrics().published(Publish::GroupSend, started);
                 let sent = GroupSent {
                     group: None,
                     delivered: report.delivered,
@@ -711,6 +718,7 @@ impl Connection {
             let reference = reference.as_ref();
             let reply = match received {
                 Ok(Some(delivery)) => {
+                    metrics().deliveries(Transport::Ws).inc();
                     let received = ChannelReply {
                         channel: &channel,
                         id: Some(Id(delivery.id)),
@@ -771,7 +779,7 @@ impl Connection {
             previous.revoke();
         }
         self.ok(request, ()).await;
-        let mut pushes = Subscription::start(&self.api, spec)?;
+        let mut pushes = Subscription::start(&self.api, spec, Transport::Ws)?;
         self.subscriptions.insert(channel.clone(), pushes.stopper());
         match leasing {
             Some(leasing) => {

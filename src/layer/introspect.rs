@@ -15,6 +15,8 @@ pub struct ChannelInfo {
     pub name: String,
     /// Unexpired messages waiting to be received.
     pub pending: usize,
+    /// The most messages the channel holds (`capacity` or its `channel_capacity`).
+    pub capacity: usize,
     /// Receives currently waiting on the channel for a message.
     pub receivers_waiting: usize,
 }
@@ -134,6 +136,7 @@ impl ChannelLayer {
                 (ch.pending() > 0 || !ch.waiters.is_empty()).then(|| ChannelInfo {
                     name: name.to_string(),
                     pending: ch.pending(),
+                    capacity: ch.capacity,
                     receivers_waiting: ch.waiters.len(),
                 })
             });

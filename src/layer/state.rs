@@ -119,6 +119,7 @@ impl Channel {
             }
             self.lost_upto = self.lost_upto.max(front.id);
             self.queue.pop_front();
+            crate::metrics::metrics().expired(1);
         }
         while let Some(front) = self.delivered.front() {
             if front.sent_at_ms.saturating_add(self.replay_ms) > now_ms {

@@ -17,6 +17,7 @@ use tokio::time::Sleep;
 
 use super::phase::{Moment, Phase, Stage};
 use super::slots::Slot;
+use crate::http;
 
 /// How long a connection closed by the server keeps reading (and discarding) what its
 /// client still sends.
@@ -177,6 +178,7 @@ impl AsyncRead for ClientStream {
                         // small answer fits in the socket's buffer, else it is lost.
                         let answer = self.timing.timed_out.clone();
                         let _ = self.stream().try_write(&answer);
+                        http::head_timed_out_sent();
                         Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             "the request head did not come within server.request_timeout_secs",

@@ -84,17 +84,27 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Serves `layer` on `listener` until `shutdown` completes, then shuts down gracefully.
-/// On SIGHUP the `[auth]` settings are read again with `reload` and replace the old ones
-/// if they are valid. Fails only when `settings.auth` does not compile.
+/// Where the server listens: the API's address and, with `server.metrics_listen`, the
+/// metrics' (bound before the data is opened, so that `/readyz` can answer meanwhile).
+pub struct Listeners {
+    pub api: TcpListener,
+    pub metrics: Option<TcpListener>,
+}
+
+/// Serves on `listeners`: `/healthz` and a 503 `/readyz` while `opening` opens the
+/// layer, then the API until `shutdown` completes, then shuts down gracefully (while
+/// new connections get the draining answers). `ready` is called once the API is served.
+/// On SIGHUP the `[auth]` settings are read again with `reload` and replace the old
+/// ones if they are valid. Fails when the layer does not open or `settings.auth` does
+/// not compile.
 pub async fn run(
     settings: Settings,
-    layer: ChannelLayer,
-    listener: TcpListener,
+    listeners: Listeners,
+    opening: impl Future<Output = Result<ChannelLayer, layer::Error>>,
     shutdown: impl Future<Output = ()>,
     reload: Reload,
-) -> Result<(), ConfigError> {
-    let token = CancellationToken::new();
+    ready: impl FnOnce(),
+) -> Result<(), layer::Error> {
     let timeout = Duration::from_secs(settings.server.shutdown_timeout_secs);
     let timing = Arc::new(Timing {
         stall: Duration::from_secs(settings.server.slow_consumer_secs).saturating_mul(STALL_FACTOR),
@@ -106,6 +116,38 @@ pub async fn run(
         fit_connections(settings.server.max_connections),
         settings.limits.max_connections_per_client,
     );
+    let api_listener = Arc::new(listeners.api);
+    let metrics_listener = listeners.metrics.map(Arc::new);
+    // Serves `api` routes on the API's address and `metrics` routes on the metrics'
+    // until `stop`.
+    let serve_all = |api: Routes, metrics: Routes, stop: &CancellationToken| {
+        let mut tasks = vec![tokio::spawn(serve(
+            api_listener.clone(),
+            api,
+            stop.clone(),
+            slots.clone(),
+            timing.clone(),
+        ))];
+        if let Some(listener) = &metrics_listener {
+            tasks.push(tokio::spawn(serve(
+                listener.clone(),
+                metrics,
+                stop.clone(),
+                slots.clone(),
+                timing.clone(),
+            )));
+        }
+        tasks
+    };
+
+    let starting = CancellationToken::new();
+    let unready = http::unready(http::Unready::Starting);
+    serve_all(unready.clone(), unready, &starting);
+    let opened = opening.await;
+    starting.cancel();
+    let layer = opened?;
+
+    let token = CancellationToken::new();
     let api = Api::new(layer.clone(), &settings, token.clone())?;
     let sweeper = tokio::spawn(sweep(
         layer.clone(),
@@ -117,17 +159,18 @@ pub async fn run(
     let access_watch = tokio::spawn(http::subscription::access_watch(api.clone()));
     let reloader = tokio::spawn(reload.serve(api.clone(), token.clone()));
     let background = api.background.clone();
-    let server = tokio::spawn(serve(
-        listener,
-        http::routes(api),
-        token.clone(),
-        slots,
-        timing,
-    ));
+    let servers = serve_all(http::routes(api.clone()), http::metrics_routes(api), &token);
+    ready();
     shutdown.await;
-    tracing::info!("shutting down: no new connections, ending streams");
+    tracing::info!("shutting down: ending streams, answering new connections 503");
     token.cancel();
-    if tokio::time::timeout(timeout, server).await.is_err() {
+    let draining = CancellationToken::new();
+    let unready = http::unready(http::Unready::Draining);
+    serve_all(unready.clone(), unready, &draining);
+    if tokio::time::timeout(timeout, futures_util::future::join_all(servers))
+        .await
+        .is_err()
+    {
         tracing::warn!(
             ?timeout,
             "connections still open at the shutdown timeout; closing them"
@@ -146,10 +189,11 @@ pub async fn run(
     let _ = access_watch.await;
     let _ = reloader.await;
     match tokio::task::spawn_blocking(move || layer.flush_to_disk()).await {
-        Ok(Ok(())) => tracing::info!("storage flushed; bye"),
+        Ok(Ok(())) => tracing::info!("storage flushed"),
         Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
         Err(e) => tracing::error!(error = %e, "final flush failed"),
     }
+    draining.cancel();
     Ok(())
 }
 
@@ -235,7 +279,7 @@ fn fit_connections(wanted: usize) -> usize {
 /// small write that must not wait for an ACK) and for the lighter HTTP/1-only
 /// connection state.
 async fn serve(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     routes: Routes,
     stop: CancellationToken,
     slots: Arc<Slots>,

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::http::{Refusal, client_address};
+use crate::metrics;
 
 /// The slots of a server.
 pub(crate) struct Slots {
@@ -24,6 +25,8 @@ pub(crate) struct Slot {
     _permit: OwnedSemaphorePermit,
     slots: Arc<Slots>,
     client: IpAddr,
+    /// Counts the connection in the metrics while it holds the slot.
+    _counted: metrics::Connection,
 }
 
 impl Slots {
@@ -53,6 +56,7 @@ impl Slots {
             _permit: permit,
             slots: self.clone(),
             client,
+            _counted: metrics::Connection::open(),
         })
     }
 }

@@ -665,10 +665,20 @@ impl Flusher {
 
     /// One flush of everything written so far, and its outcome for the waiting writers.
     fn flush(&self, db: &Handle) {
+        let started = Instant::now();
         let (target, mark, written) = self.write_pending(db);
         let result = written.and_then(|()| db.flush());
         self.flushed.send_modify(|f| match &result {
             Ok(_) => {
+                // Flushes that had nothing to make durable (interval ticks) are not counted.
+                let batch = target.saturating_sub(f.upto);
+                if batch > 0 {
+                    let metrics = crate::metrics::metrics();
+                    metrics
+                        .flush_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    metrics.flush_batch_size.observe(batch as f64);
+                }
                 f.upto = f.upto.max(target);
                 f.error = None;
             }
