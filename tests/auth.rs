@@ -246,7 +246,31 @@ const ENDPOINTS: &[Endpoint] = &[
     },
     Endpoint {
         method: "GET",
+        path: "/v1/admin/tokens",
+        kind: Kind::Admin,
+        ok: 200,
+    },
+    Endpoint {
+        method: "GET",
+        path: "/metrics",
+        kind: Kind::Admin,
+        ok: 200,
+    },
+    Endpoint {
+        method: "GET",
         path: "/healthz",
+        kind: Kind::Nothing,
+        ok: 200,
+    },
+    Endpoint {
+        method: "GET",
+        path: "/readyz",
+        kind: Kind::Nothing,
+        ok: 200,
+    },
+    Endpoint {
+        method: "GET",
+        path: "/console",
         kind: Kind::Nothing,
         ok: 200,
     },

@@ -195,7 +195,7 @@ impl ApiError {
     /// client, as a response or a WebSocket frame, passes here.
     pub(crate) fn record(&self) {
         crate::metrics::metrics().refused(self.kind.code());
-        tracing::debug!(code = self.kind.code(), message = %self.message, "request refused");
+        tracing::debug!(code = self.kind.code(), detail = %self.message, "request refused");
     }
 
     /// The HTTP answer, counted and logged: always JSON, whatever the request asked for.
