@@ -62,6 +62,10 @@ pub(crate) struct Subscribe {
     /// resumes where it stopped (without it, a fresh channel is used each time).
     #[arg(long = "as", value_name = "CHANNEL", requires = "group")]
     as_channel: Option<String>,
+    /// Start after this message id (as a reconnect does with the last id it saw): the
+    /// messages after it that the server still keeps come first.
+    #[arg(long, value_name = "ID")]
+    last_event_id: Option<String>,
     /// Print each event as one JSON object: `{"id", "channel" or "group", "message"}`.
     #[arg(long)]
     json: bool,
@@ -293,7 +297,8 @@ async fn follow(client: &Client, args: &Subscribe) -> Result<(), Failure> {
     };
     // Only a named channel can be resumed.
     let resumable = channel.is_some();
-    let mut last_id: Option<String> = None;
+    let mut last_id = args.last_event_id.clone();
+    let mut reconnecting = false;
     let mut backoff = BACKOFF.0;
     loop {
         let mut request = client
@@ -304,17 +309,15 @@ async fn follow(client: &Client, args: &Subscribe) -> Result<(), Failure> {
         }
         let why = match request.send().await {
             Ok(response) if response.status() == StatusCode::OK => {
-                if last_id.is_some() {
-                    if resumable {
-                        eprintln!(
-                            "herald: reconnected, resuming after id {}",
-                            last_id.as_deref().unwrap_or_default()
-                        );
-                    } else {
-                        eprintln!(
-                            "herald: reconnected; what was sent to the group meanwhile is not delivered (--as CHANNEL resumes)"
-                        );
+                match (reconnecting, resumable, &last_id) {
+                    (false, _, _) => {}
+                    (true, true, Some(id)) => {
+                        eprintln!("herald: reconnected, resuming after id {id}");
                     }
+                    (true, true, None) => eprintln!("herald: reconnected"),
+                    (true, false, _) => eprintln!(
+                        "herald: reconnected; what was sent to the group meanwhile is not delivered (--as CHANNEL resumes)"
+                    ),
                 }
                 backoff = BACKOFF.0;
                 let mut events = response.bytes_stream().eventsource();
@@ -352,6 +355,7 @@ async fn follow(client: &Client, args: &Subscribe) -> Result<(), Failure> {
         eprintln!("herald: disconnected ({why}); reconnecting in {backoff:?}");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF.1);
+        reconnecting = true;
     }
 }
 
