@@ -10,6 +10,11 @@
 //! With access control on, a page of an allowed origin subscribes with `EventSource` and
 //! a JWT in `?access_token=` and receives; a page of another origin gets nothing and
 //! changes nothing.
+//!
+//! The web console (`/console`) refuses a wrong token, logs in with an admin one, pages
+//! through 1,000 channels, publishes from its form and shows the message in its live
+//! tail. With `HERALD_CONSOLE_SCREENSHOT=FILE` it saves a screenshot there (the README's
+//! `docs/console.png`).
 
 mod common;
 
@@ -115,6 +120,7 @@ impl Browser {
                 "--disable-sync",
                 "--disable-quic",
                 "--remote-debugging-port=0",
+                "--window-size=1280,1500",
                 "--remote-allow-origins=*",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
@@ -199,6 +205,33 @@ impl Browser {
                 result["exceptionDetails"]
             );
             return result["result"]["value"].clone();
+        }
+    }
+
+    /// A PNG of what the page shows.
+    async fn screenshot(&mut self) -> Vec<u8> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let call =
+            json!({"id": id, "method": "Page.captureScreenshot", "params": {"format": "png"}});
+        self.page
+            .send(WsMessage::text(call.to_string()))
+            .await
+            .expect("sending to DevTools");
+        loop {
+            let frame = within(T, "a screenshot", self.page.next())
+                .await
+                .expect("DevTools closed")
+                .expect("reading from DevTools");
+            let WsMessage::Text(text) = frame else {
+                continue;
+            };
+            let answer: Json = serde_json::from_str(&text).expect("DevTools sends JSON");
+            if answer["id"] == id {
+                let data = answer["result"]["data"].as_str().expect("PNG data");
+                return base64::Engine::decode(&base64::engine::general_purpose::STANDARD, data)
+                    .expect("base64 PNG");
+            }
         }
     }
 
@@ -389,4 +422,203 @@ async fn chromium_event_source_with_a_jwt_receives_on_an_allowed_origin_only() {
         backend.drain("user.42").await.is_empty(),
         "nothing was published"
     );
+}
+
+/// Sets a form field of the console and tells the page it changed.
+fn set_field(id: &str, value: &str) -> String {
+    format!(
+        "(() => {{ const e = document.getElementById({id:?}); e.value = {value}; \
+         e.dispatchEvent(new Event('input')); e.dispatchEvent(new Event('change')); return true; }})()",
+        value = serde_json::to_string(value).unwrap()
+    )
+}
+
+fn click(id: &str) -> String {
+    format!("(() => {{ document.getElementById({id:?}).click(); return true; }})()")
+}
+
+fn text_of(id: &str) -> String {
+    format!("document.getElementById({id:?}).textContent")
+}
+
+#[tokio::test]
+async fn the_console_logs_in_pages_channels_publishes_and_tails() {
+    let Some(binary) = chromium_or_skip() else {
+        return;
+    };
+    const ADMIN: &str = "hrld_console-admin";
+    let hash: String = {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(ADMIN.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let config = format!(
+        "[auth]\ndefault_access = \"none\"\n[[auth.tokens]]\nname = \"ops\"\nhash = \"sha256:{hash}\"\n\
+         publish = [\"*\"]\nsubscribe = [\"*\"]\nadmin = true\n\
+         [[auth.tokens]]\nname = \"ci\"\nhash = \"sha256:{}\"\npublish = [\"group:ci.*\"]\n",
+        "0".repeat(64)
+    );
+    let server = Server::start_with(&config).await;
+    let admin = Api::with_token(&server, ADMIN);
+    // 1,000 channels, one message each.
+    futures_util::stream::iter(0..1000)
+        .for_each_concurrent(32, |n| {
+            let admin = &admin;
+            async move {
+                admin.send(&format!("page.{n:04}"), &msg(n)).await;
+            }
+        })
+        .await;
+
+    let mut page = Browser::open(&binary, &server.url("/console")).await;
+    page.wait_until("!!document.getElementById('login-button')", T)
+        .await;
+    // A wrong token is refused and the console stays closed.
+    page.eval(&set_field("token", "hrld_wrong")).await;
+    page.eval(&click("login-button")).await;
+    page.wait_until(
+        "document.getElementById('login-error').textContent.startsWith('unauthorized')",
+        T,
+    )
+    .await;
+    assert_eq!(
+        page.eval("document.getElementById('app').hidden").await,
+        json!(true)
+    );
+    assert_eq!(
+        page.eval("sessionStorage.getItem('herald.token')").await,
+        Json::Null
+    );
+
+    page.eval(&set_field("token", ADMIN)).await;
+    page.eval(&click("login-button")).await;
+    page.wait_until("!document.getElementById('app').hidden", T)
+        .await;
+    assert_eq!(
+        page.eval("sessionStorage.getItem('herald.token')").await,
+        json!(ADMIN)
+    );
+    page.wait_until(
+        "document.getElementById('fig-channels').textContent === '1,000'",
+        T,
+    )
+    .await;
+    // The tokens' names and permissions.
+    page.wait_until(
+        "document.querySelectorAll('#tokens tbody tr').length === 2",
+        T,
+    )
+    .await;
+    assert_eq!(
+        page.eval(
+            "[...document.querySelectorAll('#tokens tbody tr')].map(r => r.cells[0].textContent)"
+        )
+        .await,
+        json!(["ops", "ci"])
+    );
+    assert!(
+        !page
+            .eval("document.body.innerText")
+            .await
+            .to_string()
+            .contains("sha256")
+    );
+
+    // Ten pages of 100 channels, in order, each with its depth against its capacity.
+    let first_cells =
+        "[...document.querySelectorAll('#channels tbody tr')].map(r => r.cells[0].textContent)";
+    for p in 0..10 {
+        let first = format!("page.{:04}", p * 100);
+        page.wait_until(
+            &format!(
+                "(() => {{ const names = {first_cells}; return names.length === 100 && names[0] === {first:?}; }})()"
+            ),
+            T,
+        )
+        .await;
+        assert_eq!(
+            page.eval(&text_of("channels-page")).await,
+            json!(format!("page {}", p + 1))
+        );
+        if p < 9 {
+            page.eval(&click("channels-next")).await;
+        }
+    }
+    assert_eq!(
+        page.eval(&format!("{first_cells}[99]")).await,
+        json!("page.0999")
+    );
+    assert_eq!(
+        page.eval("document.getElementById('channels-next').disabled")
+            .await,
+        json!(true)
+    );
+    let row = page
+        .eval("document.querySelector('#channels tbody tr').innerText")
+        .await;
+    assert!(row.as_str().unwrap().contains("1 / 100"), "{row}");
+    page.eval(&click("channels-prev")).await;
+    page.wait_until(&format!("{first_cells}[0] === 'page.0800'"), T)
+        .await;
+
+    // A live tail of a group, and a publish from the form that shows up in it.
+    page.eval(&set_field("tail-kind", "group")).await;
+    page.eval(&set_field("tail-name", "console.g")).await;
+    page.eval(&click("tail-start")).await;
+    page.wait_until(&format!("{} === 'open'", text_of("tail-state")), T)
+        .await;
+    // The stream has joined the group once the group lists a member.
+    within(T, "the tail's membership", async {
+        while admin.members("console.g").await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    page.eval(&set_field("pub-kind", "group")).await;
+    page.eval(&set_field("pub-name", "console.g")).await;
+    page.eval(&set_field("pub-format", "json")).await;
+    page.eval(&set_field("pub-body", r#"{"type":"console.hello","n":7}"#))
+        .await;
+    page.eval(&click("pub-send")).await;
+    page.wait_until(
+        "document.getElementById('pub-result').classList.contains('ok')",
+        T,
+    )
+    .await;
+    let result = page.eval(&text_of("pub-result")).await;
+    assert!(result.as_str().unwrap().contains("delivered 1"), "{result}");
+    page.wait_until(
+        "[...document.querySelectorAll('#tail-log li')].some(li => li.textContent.includes('{\"type\":\"console.hello\",\"n\":7}'))",
+        T,
+    )
+    .await;
+    // An error from the server is shown as its code and message.
+    page.eval(&set_field("pub-kind", "channel")).await;
+    page.eval(&set_field("pub-name", "bad name")).await;
+    page.eval(&click("pub-send")).await;
+    page.wait_until(
+        "document.getElementById('pub-result').classList.contains('error') && document.getElementById('pub-result').textContent.startsWith('invalid_name')",
+        T,
+    )
+    .await;
+    page.eval(&set_field("pub-name", "console.c")).await;
+    page.eval(&set_field("pub-format", "text")).await;
+    page.eval(&set_field("pub-body", "from the console")).await;
+    page.eval(&click("pub-send")).await;
+    page.wait_until(
+        "document.getElementById('pub-result').classList.contains('ok')",
+        T,
+    )
+    .await;
+    let (_, message) = admin.receive("console.c").await.expect("published");
+    assert_eq!(message, json!({"type": "text", "text": "from the console"}));
+
+    if let Some(file) = std::env::var_os("HERALD_CONSOLE_SCREENSHOT") {
+        // Once the rates have two polls behind them, with the group the tail joined.
+        page.eval(&click("groups-refresh")).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        std::fs::write(file, page.screenshot().await).expect("writing the screenshot");
+    }
 }
