@@ -6,7 +6,7 @@ while a victim client sends (durably: each send waits for its fsync) and receive
 message at a time, and prints a table:
 
 - listing: 8 clients page through GET /v1/channels (1,000 a page), back to back;
-- stats: GET /v1/stats, one call after another;
+- stats and metrics: GET /v1/stats and GET /metrics, one call after another;
 - backup: 8 clients take 2 backups each, reading as fast as they can;
 - uploads: 8 clients post hostile 1 MiB bodies in a loop (a msgpack array of nils, a
   JSON array of zeros), while /healthz is probed every 10 ms.
@@ -179,11 +179,11 @@ async def listing(port, seconds, clients):
     return pages
 
 
-async def stats(port, calls):
+async def scrape(port, path, calls):
     conn, took = Conn(port), []
     for _ in range(calls):
         start = time.perf_counter()
-        status, _ = await conn.request("GET", "/v1/stats")
+        status, _ = await conn.request("GET", path)
         took.append(time.perf_counter() - start)
         assert status == 200, status
     conn.close()
@@ -286,8 +286,9 @@ async def main():
         for clients in (1, 8):
             pages, lat = await with_victim(port, lambda: listing(port, args.seconds, clients))
             row(f"{clients} client(s) paging GET /v1/channels?limit=1000", pages, lat)
-        took, lat = await with_victim(port, lambda: stats(port, 200))
-        row("GET /v1/stats", took, lat)
+        for path in ("/v1/stats", "/metrics"):
+            took, lat = await with_victim(port, lambda: scrape(port, path, 200))
+            row(f"GET {path}", took, lat)
         for clients, each in ((1, 4), (8, 2)):
             (took, sizes), lat = await with_victim(port, lambda: backups(port, clients, each))
             row(f"{clients} client(s) x {each} GET /v1/admin/backup", took, lat,

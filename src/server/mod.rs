@@ -142,9 +142,12 @@ pub async fn run(
 
     let starting = CancellationToken::new();
     let unready = http::unready(http::Unready::Starting);
-    serve_all(unready.clone(), unready, &starting);
+    let early = serve_all(unready.clone(), unready, &starting);
     let opened = opening.await;
     starting.cancel();
+    // No longer accepting there before the API is: a connection made once the server
+    // is ready is the API's. (The early ones close after their request.)
+    futures_util::future::join_all(early).await;
     let layer = opened?;
 
     let token = CancellationToken::new();
@@ -167,10 +170,14 @@ pub async fn run(
     let draining = CancellationToken::new();
     let unready = http::unready(http::Unready::Draining);
     serve_all(unready.clone(), unready, &draining);
-    if tokio::time::timeout(timeout, futures_util::future::join_all(servers))
-        .await
-        .is_err()
-    {
+    let connections = futures_util::future::join_all(servers).await;
+    let closed = futures_util::future::join_all(
+        connections
+            .iter()
+            .flatten()
+            .map(|connections| connections.wait()),
+    );
+    if tokio::time::timeout(timeout, closed).await.is_err() {
         tracing::warn!(
             ?timeout,
             "connections still open at the shutdown timeout; closing them"
@@ -272,8 +279,8 @@ fn fit_connections(wanted: usize) -> usize {
 }
 
 /// Accepts connections and serves each ([`connection::serve`]) until `stop` is
-/// cancelled; then stops accepting, lets every connection finish its in-flight request
-/// or stream, and returns once all have closed. A connection takes its slot when it is
+/// cancelled; then stops accepting and returns the connections, which finish their
+/// in-flight request or stream and close (the tracker tells when all have). A connection takes its slot when it is
 /// accepted; one that finds none is answered and closed ([`direct::refuse`]). Our own
 /// loop rather than `warp::serve`, for the slots, for `TCP_NODELAY` (an SSE event is one
 /// small write that must not wait for an ACK) and for the lighter HTTP/1-only
@@ -284,7 +291,7 @@ async fn serve(
     stop: CancellationToken,
     slots: Arc<Slots>,
     timing: Arc<Timing>,
-) {
+) -> TaskTracker {
     let connections = TaskTracker::new();
     let refusals = Arc::new(Semaphore::new(REFUSALS));
     loop {
@@ -327,7 +334,7 @@ async fn serve(
     }
     drop(listener);
     connections.close();
-    connections.wait().await;
+    connections
 }
 
 /// Removes expired messages and lapsed memberships every `every`.
