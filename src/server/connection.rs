@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use warp::http::{Request, StatusCode};
 
@@ -47,6 +48,53 @@ pub async fn serve(
         // Boxed, so that an event stream's task is not as large as hyper's state.
         Ok(None) => Box::pin(serve_http(stream, peer, phase, routes, stop)).await,
     }
+}
+
+/// What a connection accepted while the data opens is served with.
+#[derive(Clone)]
+pub(crate) struct Early {
+    /// The answers while starting: the probes, and requests that waited too long.
+    pub unready: Routes,
+    /// The API's routes, once it is served.
+    pub api: watch::Receiver<Option<Routes>>,
+    /// Cancelled when the API shuts down.
+    pub api_stop: CancellationToken,
+}
+
+/// Serves a connection accepted while the data opens. A probe (`GET /healthz`, `GET
+/// /readyz`) is answered at once with `early.unready` (the connection closes after
+/// `stop`, once the API is served); any other request waits for the API, up to the
+/// request timeout, and its connection is then the API's (else it gets the 503).
+pub async fn serve_early(
+    stream: TcpStream,
+    slot: Slot,
+    peer: SocketAddr,
+    early: Early,
+    stop: CancellationToken,
+    timing: Arc<Timing>,
+) {
+    let Early {
+        unready,
+        mut api,
+        api_stop,
+    } = early;
+    let probe = tokio::time::timeout(timing.request, is_probe(&stream)).await;
+    if let Ok(false) = probe {
+        let waited = tokio::time::timeout(timing.request, api.wait_for(Option::is_some)).await;
+        let routes = waited.ok().and_then(|routes| routes.ok()?.clone());
+        if let Some(routes) = routes {
+            return serve(stream, slot, peer, routes, api_stop, timing).await;
+        }
+    }
+    serve(stream, slot, peer, unready, stop, timing).await
+}
+
+/// Whether the connection's first bytes (waited for) are a probe's request line.
+async fn is_probe(stream: &TcpStream) -> bool {
+    let mut line = [0; 16];
+    let n = stream.peek(&mut line).await.unwrap_or(0);
+    let line = &line[..n];
+    line.starts_with(b"GET /healthz ") || line.starts_with(b"GET /readyz ")
 }
 
 /// Serves HTTP/1.1 with hyper until the client closes, the server ends the connection,

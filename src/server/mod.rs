@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio::task::JoinError;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -118,9 +118,9 @@ pub async fn run(
     );
     let api_listener = Arc::new(listeners.api);
     let metrics_listener = listeners.metrics.map(Arc::new);
-    // Serves `api` routes on the API's address and `metrics` routes on the metrics'
+    // Serves as `api` says on the API's address and as `metrics` says on the metrics'
     // until `stop`.
-    let serve_all = |api: Routes, metrics: Routes, stop: &CancellationToken| {
+    let serve_all = |api: Serving, metrics: Serving, stop: &CancellationToken| {
         let mut tasks = vec![tokio::spawn(serve(
             api_listener.clone(),
             api,
@@ -140,17 +140,28 @@ pub async fn run(
         tasks
     };
 
-    let starting = CancellationToken::new();
-    let unready = http::unready(http::Unready::Starting);
-    let early = serve_all(unready.clone(), unready, &starting);
-    let opened = opening.await;
-    starting.cancel();
-    // No longer accepting there before the API is: a connection made once the server
-    // is ready is the API's. (The early ones close after their request.)
-    futures_util::future::join_all(early).await;
-    let layer = opened?;
-
+    // While the data opens: the probes say so, other requests wait for the API.
     let token = CancellationToken::new();
+    let starting = CancellationToken::new();
+    let (api_routes, api_waiting) = watch::channel(None);
+    let (metrics_routes, metrics_waiting) = watch::channel(None);
+    let early = |api: watch::Receiver<Option<Routes>>| {
+        Serving::Early(connection::Early {
+            unready: http::unready(http::Unready::Starting),
+            api,
+            api_stop: token.clone(),
+        })
+    };
+    let early = serve_all(early(api_waiting), early(metrics_waiting), &starting);
+    let opened = opening.await;
+    let layer = match opened {
+        Ok(layer) => layer,
+        Err(e) => {
+            starting.cancel();
+            return Err(e);
+        }
+    };
+
     let api = Api::new(layer.clone(), &settings, token.clone())?;
     let sweeper = tokio::spawn(sweep(
         layer.clone(),
@@ -162,21 +173,24 @@ pub async fn run(
     let access_watch = tokio::spawn(http::subscription::access_watch(api.clone()));
     let reloader = tokio::spawn(reload.serve(api.clone(), token.clone()));
     let background = api.background.clone();
-    let servers = serve_all(http::routes(api.clone()), http::metrics_routes(api), &token);
+    let (routes, metrics) = (http::routes(api.clone()), http::metrics_routes(api));
+    api_routes.send_replace(Some(routes.clone()));
+    metrics_routes.send_replace(Some(metrics.clone()));
+    // The early loops stop accepting before the API's start, so that a connection made
+    // once the server is ready is the API's.
+    starting.cancel();
+    let early_connections = trackers(early).await;
+    let servers = serve_all(Serving::Routes(routes), Serving::Routes(metrics), &token);
     ready();
     shutdown.await;
     tracing::info!("shutting down: ending streams, answering new connections 503");
     token.cancel();
     let draining = CancellationToken::new();
-    let unready = http::unready(http::Unready::Draining);
+    let unready = Serving::Routes(http::unready(http::Unready::Draining));
     serve_all(unready.clone(), unready, &draining);
-    let connections = futures_util::future::join_all(servers).await;
-    let closed = futures_util::future::join_all(
-        connections
-            .iter()
-            .flatten()
-            .map(|connections| connections.wait()),
-    );
+    let mut connections = trackers(servers).await;
+    connections.extend(early_connections);
+    let closed = futures_util::future::join_all(connections.iter().map(TaskTracker::wait));
     if tokio::time::timeout(timeout, closed).await.is_err() {
         tracing::warn!(
             ?timeout,
@@ -202,6 +216,24 @@ pub async fn run(
     }
     draining.cancel();
     Ok(())
+}
+
+/// How an accept loop serves the connections it accepts.
+#[derive(Clone)]
+enum Serving {
+    /// With these routes.
+    Routes(Routes),
+    /// As [`connection::serve_early`] does, while the data opens.
+    Early(connection::Early),
+}
+
+/// The connections of the accept loops `loops`, once they stopped accepting.
+async fn trackers(loops: Vec<JoinHandle<TaskTracker>>) -> Vec<TaskTracker> {
+    futures_util::future::join_all(loops)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// What SIGHUP does: read the `[auth]` settings again and put them in force.
@@ -287,7 +319,7 @@ fn fit_connections(wanted: usize) -> usize {
 /// connection state.
 async fn serve(
     listener: Arc<TcpListener>,
-    routes: Routes,
+    serving: Serving,
     stop: CancellationToken,
     slots: Arc<Slots>,
     timing: Arc<Timing>,
@@ -313,14 +345,25 @@ async fn serve(
         }
         match slots.take(peer.ip()) {
             Ok(slot) => {
-                connections.spawn(connection::serve(
-                    stream,
-                    slot,
-                    peer,
-                    routes.clone(),
-                    stop.clone(),
-                    timing.clone(),
-                ));
+                let (stop, timing) = (stop.clone(), timing.clone());
+                match &serving {
+                    Serving::Routes(routes) => connections.spawn(connection::serve(
+                        stream,
+                        slot,
+                        peer,
+                        routes.clone(),
+                        stop,
+                        timing,
+                    )),
+                    Serving::Early(early) => connections.spawn(connection::serve_early(
+                        stream,
+                        slot,
+                        peer,
+                        early.clone(),
+                        stop,
+                        timing,
+                    )),
+                };
             }
             Err(why) => {
                 if let Ok(answering) = refusals.clone().try_acquire_owned() {
