@@ -11,21 +11,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::*;
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Value as Json, json};
-use sha2::{Digest, Sha256};
 
 const JWT_SECRET: &str = "jwt-test-secret";
 const FULL: &str = "hrld_full-access-token";
 const EMPTY: &str = "hrld_token-without-permissions";
 const EXPIRED: &str = "hrld_expired-token";
 const HALF: &str = "hrld_group-only-token";
-
-fn hash(token: &str) -> String {
-    let hex: String = Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256:{hex}")
-}
 
 fn now() -> u64 {
     SystemTime::now()
@@ -84,10 +75,10 @@ name = "half"
 hash = "{}"
 subscribe = ["group:*"]
 "#,
-        hash(FULL),
-        hash(EMPTY),
-        hash(EXPIRED),
-        hash(HALF)
+        token_hash(FULL),
+        token_hash(EMPTY),
+        token_hash(EXPIRED),
+        token_hash(HALF)
     )
 }
 
@@ -691,7 +682,10 @@ async fn an_unprotected_server_off_loopback_refuses_to_start() {
         "{}",
         open.log()
     );
-    let token = format!("[[auth.tokens]]\nname = \"a\"\nhash = \"{}\"\n", hash(FULL));
+    let token = format!(
+        "[[auth.tokens]]\nname = \"a\"\nhash = \"{}\"\n",
+        token_hash(FULL)
+    );
     let protected =
         Server::start_with_args(Workdir::new(), &token, &["--listen", "0.0.0.0:0"]).await;
     assert!(
@@ -732,7 +726,7 @@ async fn token_new_and_token_jwt_print_what_the_server_accepts() {
     let parsed: toml::Table = table.parse().unwrap();
     let entry = &parsed["auth"]["tokens"][0];
     assert_eq!(entry["name"].as_str(), Some("backend"));
-    assert_eq!(entry["hash"].as_str(), Some(hash(secret).as_str()));
+    assert_eq!(entry["hash"].as_str(), Some(token_hash(secret).as_str()));
     assert_eq!(entry["expires"].as_str(), Some("2099-01-01T00:00:00Z"));
 
     let dir = tempfile::tempdir().unwrap();
@@ -759,7 +753,7 @@ async fn token_new_and_token_jwt_print_what_the_server_accepts() {
     // The printed table, pasted below the [auth] keys.
     let config = format!(
         "[auth]\njwt_secret = \"{JWT_SECRET}\"\n\n{table}\n[[auth.tokens]]\nname = \"admin\"\nhash = \"{}\"\nadmin = true\n",
-        hash(FULL)
+        token_hash(FULL)
     );
     let server = Server::start_with(&config).await;
     let backend = Api::with_token(&server, secret);
@@ -871,13 +865,13 @@ async fn sighup_reload_closes_what_the_new_settings_no_longer_allow() {
         let mut text = format!(
             "[auth]\n[[auth.tokens]]\nname = \"pub\"\nhash = \"{}\"\npublish = [\"*\"]\n\
              [[auth.tokens]]\nname = \"b\"\nhash = \"{}\"\nsubscribe = [\"channel:rev.b\"]\n",
-            hash("hrld_pub"),
-            hash("hrld_b")
+            token_hash("hrld_pub"),
+            token_hash("hrld_b")
         );
         if with_a {
             text += &format!(
                 "[[auth.tokens]]\nname = \"a\"\nhash = \"{}\"\nsubscribe = [\"channel:{a_channel}\"]\n",
-                hash("hrld_a")
+                token_hash("hrld_a")
             );
         }
         text

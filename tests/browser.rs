@@ -60,14 +60,6 @@ fn chromium() -> Option<PathBuf> {
     .find(|candidate| candidate.is_file())
 }
 
-/// A port that was free a moment ago, for a server that must come back on the same one.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// Serves `html` for every request: the page lives on its own origin, not Herald's.
 fn serve_page(listener: TcpListener, html: String) {
     tokio::spawn(async move {
@@ -447,15 +439,9 @@ async fn the_console_logs_in_pages_channels_publishes_and_tails() {
         return;
     };
     const ADMIN: &str = "hrld_console-admin";
-    let hash: String = {
-        use sha2::{Digest, Sha256};
-        Sha256::digest(ADMIN.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
+    let hash = token_hash(ADMIN);
     let config = format!(
-        "[auth]\ndefault_access = \"none\"\n[[auth.tokens]]\nname = \"ops\"\nhash = \"sha256:{hash}\"\n\
+        "[auth]\ndefault_access = \"none\"\n[[auth.tokens]]\nname = \"ops\"\nhash = \"{hash}\"\n\
          publish = [\"*\"]\nsubscribe = [\"*\"]\nadmin = true\n\
          [[auth.tokens]]\nname = \"ci\"\nhash = \"sha256:{}\"\npublish = [\"group:ci.*\"]\n",
         "0".repeat(64)

@@ -101,15 +101,9 @@ async fn publish_sends_text_json_or_standard_input_and_prints_the_id() {
 #[tokio::test]
 async fn refusals_print_the_servers_code_and_message_and_exit_1() {
     const TOKEN: &str = "hrld_cli-publisher";
-    let hash: String = {
-        use sha2::{Digest, Sha256};
-        Sha256::digest(TOKEN.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
+    let hash = token_hash(TOKEN);
     let server = Server::start_with(&format!(
-        "[auth]\ndefault_access = \"none\"\n[[auth.tokens]]\nname = \"p\"\nhash = \"sha256:{hash}\"\npublish = [\"channel:ok.*\"]\n"
+        "[auth]\ndefault_access = \"none\"\n[[auth.tokens]]\nname = \"p\"\nhash = \"{hash}\"\npublish = [\"channel:ok.*\"]\n"
     ))
     .await;
     let url = server.base.as_str();
@@ -233,10 +227,7 @@ async fn until_streaming(server: &Server, channel: &str) {
 
 #[tokio::test]
 async fn subscribe_prints_each_message_and_resumes_across_a_server_restart() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let work = Workdir::new();
     let mut server = Server::start_with_args(work.clone(), "", &["--listen", &listen]).await;
@@ -300,7 +291,8 @@ async fn subscribe_json_exec_and_gaps() {
     let written = within(T, "the commands to run", async {
         loop {
             let text = std::fs::read_to_string(&file).unwrap_or_default();
-            if text.lines().count() == 2 {
+            // Both commands have finished their line.
+            if text.lines().count() == 2 && text.ends_with('\n') {
                 return text;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value as Json, json};
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 /// The value of the sample `name` (with its labels, as written) in `text`.
@@ -174,14 +173,6 @@ async fn metrics_count_what_was_published_delivered_expired_and_refused() {
     assert_eq!(sample(&text, r#"herald_connections{transport="ws"}"#), 0.0);
 }
 
-fn hash(token: &str) -> String {
-    let hex: String = Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256:{hex}")
-}
-
 const ADMIN: &str = "hrld_ops-admin";
 const PUBLISHER: &str = "hrld_ops-publisher";
 
@@ -202,17 +193,14 @@ hash = "{}"
 publish = ["group:*"]
 expires = "2099-01-01T00:00:00Z"
 "#,
-        hash(ADMIN),
-        hash(PUBLISHER)
+        token_hash(ADMIN),
+        token_hash(PUBLISHER)
     )
 }
 
 #[tokio::test]
 async fn metrics_need_an_admin_token_except_on_metrics_listen() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let port = free_port();
     let config = format!(
         "[server]\nmetrics_listen = \"127.0.0.1:{port}\"\n{}",
         tokens_config()
@@ -337,10 +325,7 @@ async fn readyz_says_starting_while_the_data_opens_then_ready_then_draining() {
         .output()
         .unwrap();
     assert!(imported.status.success(), "{imported:?}");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let base = format!("http://{listen}");
     let config = "[layer]\nexpiry_secs = 86400\ncapacity = 1000\n\

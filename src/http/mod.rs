@@ -469,12 +469,13 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         tokens.boxed(),
         layer_settings.boxed(),
     ]));
-    let all = any_of(vec![
-        v1.boxed(),
+    // `/v1` first and alone at its level: the API's requests pass one `or`.
+    let others = any_of(vec![
         probes(api.clone()),
         metrics(api.clone(), false),
         console.boxed(),
     ]);
+    let all = any_of(vec![v1.boxed(), others]);
 
     // Requests from another origin (allowed by `browser_rules`) go through CORS; the
     // rest, including the server's own origin, are served as they are.

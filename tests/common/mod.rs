@@ -997,3 +997,22 @@ pub fn mp_decode(bytes: &[u8]) -> rmpv::Value {
     assert!(slice.is_empty(), "trailing bytes after msgpack");
     value
 }
+
+/// A loopback port that was free a moment ago, for a server that must listen on a port
+/// known in advance (to come back on it, or as a second address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The `sha256:<hex>` hash of a secret token, as `[[auth.tokens]]` holds it.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    let hex: String = sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}
