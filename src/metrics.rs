@@ -155,51 +155,57 @@ impl Metrics {
             "Open client connections, by what they carry",
             connections,
         );
-        registry.register(
-            "subscriptions",
-            "Running subscriptions (event streams and WebSocket subscribes)",
-            metrics.subscriptions.clone(),
-        );
-        registry.register(
-            "channels",
-            "Channels holding pending messages",
-            metrics.channels.clone(),
-        );
-        registry.register(
-            "pending_messages",
-            "Messages pending in all channels",
-            metrics.pending_messages.clone(),
-        );
-        registry.register(
-            "groups",
-            "Groups with at least one member",
-            metrics.groups.clone(),
-        );
-        registry.register(
-            "memberships",
-            "Group memberships in all groups",
-            metrics.memberships.clone(),
-        );
-        registry.register(
-            "disk_bytes",
-            "Size of the data directory",
-            metrics.disk_bytes.clone(),
-        );
-        registry.register(
-            "publish_duration_seconds",
-            "Time from a publish request to its acknowledgement",
-            metrics.publish_duration.clone(),
-        );
-        registry.register(
-            "flush_duration_seconds",
-            "Time each flush of the store to disk took",
-            metrics.flush_duration.clone(),
-        );
-        registry.register(
-            "flush_batch_size",
-            "Writes made durable by each flush",
-            metrics.flush_batch_size.clone(),
-        );
+        let gauges = [
+            (
+                "subscriptions",
+                "Running subscriptions (event streams and WebSocket subscribes)",
+                &metrics.subscriptions,
+            ),
+            (
+                "channels",
+                "Channels holding pending messages",
+                &metrics.channels,
+            ),
+            (
+                "pending_messages",
+                "Messages pending in all channels",
+                &metrics.pending_messages,
+            ),
+            ("groups", "Groups with at least one member", &metrics.groups),
+            (
+                "memberships",
+                "Group memberships in all groups",
+                &metrics.memberships,
+            ),
+            (
+                "disk_bytes",
+                "Size of the data directory",
+                &metrics.disk_bytes,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            registry.register(name, help, gauge.clone());
+        }
+        let histograms = [
+            (
+                "publish_duration_seconds",
+                "Time from a publish request to its acknowledgement",
+                &metrics.publish_duration,
+            ),
+            (
+                "flush_duration_seconds",
+                "Time each flush of the store to disk took",
+                &metrics.flush_duration,
+            ),
+            (
+                "flush_batch_size",
+                "Writes made durable by each flush",
+                &metrics.flush_batch_size,
+            ),
+        ];
+        for (name, help, histogram) in histograms {
+            registry.register(name, help, histogram.clone());
+        }
         Metrics {
             registry,
             ..metrics

@@ -165,15 +165,11 @@ impl Browser {
         }
     }
 
-    /// The value of a JavaScript expression on the page.
-    async fn eval(&mut self, expression: &str) -> Json {
+    /// The result of the DevTools command `method` with `params` on the page.
+    async fn call(&mut self, method: &str, params: Json) -> Json {
         self.next_id += 1;
         let id = self.next_id;
-        let call = json!({
-            "id": id,
-            "method": "Runtime.evaluate",
-            "params": {"expression": expression, "returnByValue": true},
-        });
+        let call = json!({"id": id, "method": method, "params": params});
         self.page
             .send(WsMessage::text(call.to_string()))
             .await
@@ -186,45 +182,33 @@ impl Browser {
             let WsMessage::Text(text) = frame else {
                 continue;
             };
-            let answer: Json = serde_json::from_str(&text).expect("DevTools sends JSON");
-            if answer["id"] != id {
-                continue;
+            let mut answer: Json = serde_json::from_str(&text).expect("DevTools sends JSON");
+            if answer["id"] == id {
+                return answer["result"].take();
             }
-            let result = &answer["result"];
-            assert!(
-                result.get("exceptionDetails").is_none(),
-                "{expression} threw: {}",
-                result["exceptionDetails"]
-            );
-            return result["result"]["value"].clone();
         }
+    }
+
+    /// The value of a JavaScript expression on the page.
+    async fn eval(&mut self, expression: &str) -> Json {
+        let params = json!({"expression": expression, "returnByValue": true});
+        let result = self.call("Runtime.evaluate", params).await;
+        assert!(
+            result.get("exceptionDetails").is_none(),
+            "{expression} threw: {}",
+            result["exceptionDetails"]
+        );
+        result["result"]["value"].clone()
     }
 
     /// A PNG of what the page shows.
     async fn screenshot(&mut self) -> Vec<u8> {
-        self.next_id += 1;
-        let id = self.next_id;
-        let call =
-            json!({"id": id, "method": "Page.captureScreenshot", "params": {"format": "png"}});
-        self.page
-            .send(WsMessage::text(call.to_string()))
-            .await
-            .expect("sending to DevTools");
-        loop {
-            let frame = within(T, "a screenshot", self.page.next())
-                .await
-                .expect("DevTools closed")
-                .expect("reading from DevTools");
-            let WsMessage::Text(text) = frame else {
-                continue;
-            };
-            let answer: Json = serde_json::from_str(&text).expect("DevTools sends JSON");
-            if answer["id"] == id {
-                let data = answer["result"]["data"].as_str().expect("PNG data");
-                return base64::Engine::decode(&base64::engine::general_purpose::STANDARD, data)
-                    .expect("base64 PNG");
-            }
-        }
+        let result = self
+            .call("Page.captureScreenshot", json!({"format": "png"}))
+            .await;
+        let data = result["data"].as_str().expect("PNG data");
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, data)
+            .expect("base64 PNG")
     }
 
     /// Waits until a JavaScript expression is true on the page.
