@@ -87,7 +87,9 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
 /// Where the server listens: the API's address and, with `server.metrics_listen`, the
 /// metrics' (bound before the data is opened, so that `/readyz` can answer meanwhile).
 pub struct Listeners {
+    /// `server.listen`: the API, the probes, `/metrics` (admin) and the console.
     pub api: TcpListener,
+    /// `server.metrics_listen`: `/metrics` without access control, and the probes.
     pub metrics: Option<TcpListener>,
 }
 
