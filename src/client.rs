@@ -37,6 +37,17 @@ pub(crate) struct Target {
     group: Option<String>,
 }
 
+impl Target {
+    /// The API path of the channel or group followed by `/{what}`.
+    fn path(&self, what: &str) -> String {
+        match (&self.channel, &self.group) {
+            (Some(channel), _) => format!("/v1/channels/{}/{what}", segment(channel)),
+            (None, Some(group)) => format!("/v1/groups/{}/{what}", segment(group)),
+            (None, None) => unreachable!("clap requires --channel or --group"),
+        }
+    }
+}
+
 /// `herald publish`'s arguments.
 #[derive(Args, Debug)]
 pub(crate) struct Publish {
@@ -174,12 +185,7 @@ pub(crate) fn publish(args: Publish) -> Result<(), Failure> {
     };
     let body = message_body(&text, args.message_type.as_deref());
     let client = Client::new(&args.server)?;
-    let path = match (&args.target.channel, &args.target.group) {
-        (Some(channel), _) => format!("/v1/channels/{}/messages", segment(channel)),
-        (None, Some(group)) => format!("/v1/groups/{}/messages", segment(group)),
-        (None, None) => unreachable!("clap requires --channel or --group"),
-    };
-    let request = client.request(reqwest::Method::POST, &path);
+    let request = client.request(reqwest::Method::POST, &args.target.path("messages"));
     let request = match body {
         Body::Json(map) => request
             .header(CONTENT_TYPE, "application/json")
@@ -283,18 +289,10 @@ async fn follow(client: &Client, args: &Subscribe) -> Result<(), Failure> {
         .channel
         .as_deref()
         .or(args.as_channel.as_deref());
-    let path = match (&args.target.channel, &args.target.group) {
-        (Some(channel), _) => format!("/v1/channels/{}/events", segment(channel)),
-        (None, Some(group)) => match &args.as_channel {
-            Some(channel) => format!(
-                "/v1/groups/{}/events?channel={}",
-                segment(group),
-                segment(channel)
-            ),
-            None => format!("/v1/groups/{}/events", segment(group)),
-        },
-        (None, None) => unreachable!("clap requires --channel or --group"),
-    };
+    let mut path = args.target.path("events");
+    if let Some(joined) = &args.as_channel {
+        path = format!("{path}?channel={}", segment(joined));
+    }
     // Only a named channel can be resumed.
     let resumable = channel.is_some();
     let mut last_id = args.last_event_id.clone();

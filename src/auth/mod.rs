@@ -278,9 +278,12 @@ fn effective_default(settings: &AuthSettings, loopback: bool) -> DefaultAccess {
 }
 
 fn has_credentials(settings: &AuthSettings) -> bool {
-    !settings.tokens.is_empty()
-        || !settings.jwt_secret.expose().is_empty()
-        || !settings.jwt_public_key_file.as_os_str().is_empty()
+    !settings.tokens.is_empty() || has_jwt_key(settings)
+}
+
+/// Whether a JWT secret or public key is configured.
+fn has_jwt_key(settings: &AuthSettings) -> bool {
+    !settings.jwt_secret.expose().is_empty() || !settings.jwt_public_key_file.as_os_str().is_empty()
 }
 
 /// Checks `settings` as [`Policy::new`] compiles them (for `herald token new` and the
@@ -312,12 +315,10 @@ pub fn mode(settings: &AuthSettings, loopback: bool) -> String {
         DefaultAccess::Subscribe => "subscribe",
         DefaultAccess::None | DefaultAccess::Unset => "none",
     };
-    let jwt = if settings.jwt_secret.expose().is_empty()
-        && settings.jwt_public_key_file.as_os_str().is_empty()
-    {
-        "no JWT"
-    } else {
+    let jwt = if has_jwt_key(settings) {
         "JWT"
+    } else {
+        "no JWT"
     };
     format!(
         "default_access {default}, {} tokens, {jwt}",
